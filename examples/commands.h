@@ -1,0 +1,11 @@
+#pragma once
+// The coinfer subcommands. Each takes its arguments (after the subcommand name) and returns the
+// process exit code. coinfer::Error means bad input (exit 1), cli::UsageError a bad command line (2).
+#include "args.h"
+
+namespace coinfer::cli {
+
+int cmd_gguf(Args& args);
+int cmd_tokenize(Args& args);
+
+}  // namespace coinfer::cli
