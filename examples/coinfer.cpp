@@ -20,6 +20,8 @@ struct Command {
 const Command k_commands[] = {
     {"gguf", coinfer::cli::cmd_gguf, "print a GGUF file's metadata and tensor table"},
     {"tokenize", coinfer::cli::cmd_tokenize, "turn text into token ids"},
+    {"generate", coinfer::cli::cmd_generate, "generate text from a prompt"},
+    {"perplexity", coinfer::cli::cmd_perplexity, "perplexity of a text file"},
 };
 
 void print_usage(std::FILE* out) {

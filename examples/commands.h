@@ -7,5 +7,7 @@ namespace coinfer::cli {
 
 int cmd_gguf(Args& args);
 int cmd_tokenize(Args& args);
+int cmd_generate(Args& args);
+int cmd_perplexity(Args& args);
 
 }  // namespace coinfer::cli
