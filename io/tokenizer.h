@@ -50,6 +50,7 @@ struct Vocab {
     bool add_bos = false;
     bool add_eos = false;
     bool add_space_prefix = true;  // SPM dummy prefix (tokenizer.ggml.add_space_prefix)
+    bool clean_spaces = false;     // decode drops spaces before ?!., and some contractions
     std::vector<TokenId> eog;      // end-of-generation ids: eos, eot, eom and known <|...|> enders
     // Tokens matched in text when parse_special is on: control and user-defined tokens,
     // longest first.
@@ -94,19 +95,24 @@ public:
     // the way llama.cpp does (remove_leading_space when the first piece follows BOS).
     std::string decode(std::span<const TokenId> ids, bool render_special = false) const;
 
-    const Vocab& vocab() const { return vocab_; }
-    int32_t n_vocab() const { return vocab_.n_vocab(); }
+    const Vocab& vocab() const { return *vocab_; }
+    int32_t n_vocab() const { return vocab_->n_vocab(); }
     bool is_eog(TokenId id) const;
     bool is_control(TokenId id) const;
 
 private:
     Tokenizer() = default;
-    Vocab vocab_;
+    // On the heap so that the algorithm's reference to it survives moves of the Tokenizer.
+    std::unique_ptr<Vocab> vocab_;
     std::unique_ptr<TokenizerAlgo> algo_;
+    // Per-token TOKEN_STRIP_* flags for special tokens (whitespace eaten beside a matched
+    // special token); empty when no token has any.
+    std::vector<uint8_t> strip_;
 };
 
 // Streaming detokenizer: holds back the bytes of a UTF-8 character split across tokens, so each
-// push returns only whole characters.
+// push returns only whole characters. A stream that starts with BOS decodes like decode(); one
+// that starts elsewhere (a generated continuation) keeps every piece's leading space.
 class StreamDecoder {
 public:
     explicit StreamDecoder(const Tokenizer& tok, bool render_special = false)

@@ -1,0 +1,186 @@
+#pragma once
+// coinfer::Engine: the async engine. It owns the model, a backend, the KV block pool and the
+// step loop (one thread). Any thread may submit; every caller resumes on its own executor.
+//
+//   coinfer::Engine engine(io.get_executor(), {.model = "model.gguf"});
+//   auto stream = engine.generate(req);                      // tokens as they come
+//   while (auto tok = co_await stream.next()) fmt::print("{}", tok->text);
+//   auto done = co_await engine.async_complete(req, asio::use_awaitable);
+//
+// The async operations follow Asio's completion-token conventions (use_awaitable, deferred,
+// callbacks), and cancellation comes through the handler's cancellation slot. Dropping a
+// TokenStream cancels its request. Invalid requests throw coinfer::Error from the initiating
+// call. A full queue fails at once: generate() throws EngineError(queue_full), async_complete
+// completes with EngineErrc::queue_full. Neither touches other requests.
+#include <chrono>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <asio.hpp>
+
+#include "engine/backend.h"
+#include "planner.h"
+#include "request_state.h"
+
+namespace coinfer {
+
+struct Request {
+    std::string prompt;
+    std::vector<TokenId> prompt_ids;  // used instead of `prompt` when not empty
+    int32_t max_tokens = 128;
+    SamplingParams sampling;          // sampling.n_logprobs asks for top-n logprobs
+    std::vector<std::string> stop;
+    bool ignore_eos = false;
+    bool add_special = true;          // BOS/EOS as the model's tokenizer says
+    bool parse_special = true;        // special tokens written in the prompt are recognised
+};
+
+struct EngineOptions {
+    std::string model;                       // GGUF path (ignored when `loaded` is set)
+    std::shared_ptr<const Model> loaded;     // an already loaded model
+    std::string device = "auto";             // "cpu", "cuda" or "auto" (cuda when present)
+    BackendOptions backend;                  // KV pool size, block size, threads
+    PlannerOptions planner;                  // token budget, max sequences, prefix cache
+    int32_t max_waiting = 4096;              // submitted but not yet started requests
+    int32_t n_ctx = 0;                       // per-request context limit; 0: the model's
+};
+
+struct EngineStats {
+    int32_t n_running = 0;
+    int32_t n_waiting = 0;
+    int32_t kv_blocks_total = 0;
+    int32_t kv_blocks_used = 0;
+    int32_t kv_blocks_free = 0;
+    int32_t kv_blocks_cached = 0;   // free but holding a reusable prefix
+    double prefix_hit_rate = 0;     // prompt tokens found cached / prompt tokens looked up
+    int64_t prefix_hit_tokens = 0;
+    int64_t n_preemptions = 0;
+    int64_t n_steps = 0;
+    int64_t n_prompt_tokens = 0;    // computed, prefix hits excluded
+    int64_t n_generated_tokens = 0;
+    int64_t n_requests_finished = 0;
+    int64_t n_requests_cancelled = 0;
+    int32_t last_batch_seqs = 0;    // sequences in the last step
+    int32_t last_batch_tokens = 0;
+    int32_t peak_batch_seqs = 0;
+    double tokens_per_second = 0;   // generated tokens/s over the last second or so
+};
+
+class EngineError : public Error {
+public:
+    EngineError(std::error_code code, const std::string& what) : Error(what), code_(code) {}
+    std::error_code code() const { return code_; }
+
+private:
+    std::error_code code_;
+};
+
+class Engine;
+
+// A request's tokens as they come. Move-only; destroying it cancels the request.
+class TokenStream {
+public:
+    TokenStream(TokenStream&&) noexcept = default;
+    TokenStream& operator=(TokenStream&& o) noexcept {
+        if (this != &o) {
+            cancel();
+            state_ = std::move(o.state_);
+            prompt_ids_ = std::move(o.prompt_ids_);
+            fallback_ = std::move(o.fallback_);
+        }
+        return *this;
+    }
+    ~TokenStream() { cancel(); }
+
+    // Completion signature void(std::error_code, std::optional<TokenEvent>): an event per
+    // generated token, then nullopt once the request has finished.
+    template <typename CompletionToken = asio::use_awaitable_t<>>
+    auto async_next(CompletionToken&& token = {}) {
+        return asio::async_initiate<CompletionToken, void(std::error_code, std::optional<TokenEvent>)>(
+            [state = state_, fallback = fallback_](auto handler) {
+                auto slot = asio::get_associated_cancellation_slot(handler);
+                if (slot.is_connected()) {
+                    std::weak_ptr<detail::RequestState> weak = state;
+                    slot.assign([weak](asio::cancellation_type) {
+                        if (auto s = weak.lock()) s->cancel();
+                    });
+                }
+                state->next(detail::bind_to_executor<std::error_code, std::optional<TokenEvent>>(std::move(handler), fallback));
+            },
+            token);
+    }
+    // co_await stream.next(): the next token, or nullopt at the end. Errors throw.
+    asio::awaitable<std::optional<TokenEvent>> next() { return async_next(asio::use_awaitable); }
+
+    void cancel() {
+        if (state_ && !state_->finished()) state_->cancel();
+    }
+    FinishReason finish_reason() const { return state_->finish_reason(); }
+    std::error_code error() const { return state_->error(); }
+    std::string error_message() const { return state_->error_message(); }
+    const std::vector<TokenId>& prompt_ids() const { return prompt_ids_; }
+
+private:
+    friend class Engine;
+    TokenStream(std::shared_ptr<detail::RequestState> s, std::vector<TokenId> prompt_ids, asio::any_io_executor ex)
+        : state_(std::move(s)), prompt_ids_(std::move(prompt_ids)), fallback_(std::move(ex)) {}
+    std::shared_ptr<detail::RequestState> state_;
+    std::vector<TokenId> prompt_ids_;
+    asio::any_io_executor fallback_;
+};
+
+class Engine {
+public:
+    // Loads the model (or takes opt.loaded), creates the backend and starts the step loop.
+    Engine(asio::any_io_executor ex, EngineOptions opt);
+    ~Engine();  // stops the loop; unfinished requests end with EngineErrc::stopped
+    Engine(const Engine&) = delete;
+    Engine& operator=(const Engine&) = delete;
+
+    TokenStream generate(const Request& req);
+
+    // Completion signature void(std::error_code, Completion).
+    template <typename CompletionToken>
+    auto async_complete(const Request& req, CompletionToken&& token) {
+        auto prepared = prepare(req);
+        return asio::async_initiate<CompletionToken, void(std::error_code, Completion)>(
+            [this, prepared = std::move(prepared)](auto handler) mutable {
+                auto state = prepared.state;
+                auto slot = asio::get_associated_cancellation_slot(handler);
+                if (slot.is_connected()) {
+                    std::weak_ptr<detail::RequestState> weak = state;
+                    slot.assign([weak](asio::cancellation_type) {
+                        if (auto s = weak.lock()) s->cancel();
+                    });
+                }
+                state->on_done(detail::bind_to_executor<std::error_code, Completion>(std::move(handler), executor_),
+                               prepared.prompt_ids);
+                submit(std::move(prepared));
+            },
+            token);
+    }
+
+    EngineStats stats() const;
+    const Model& model() const;
+    std::string backend_name() const;
+    asio::any_io_executor get_executor() const { return executor_; }
+
+    // Internal: a validated, tokenized request ready for the step loop.
+    struct Prepared {
+        std::shared_ptr<detail::RequestState> state;
+        std::vector<TokenId> prompt_ids;
+        Request request;
+        std::chrono::steady_clock::time_point submitted;
+    };
+
+private:
+    Prepared prepare(const Request& req);
+    std::error_code submit(Prepared p);  // queue_full / stopped finish the request at once
+
+    struct Impl;
+    asio::any_io_executor executor_;
+    std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace coinfer

@@ -1,0 +1,423 @@
+// The async engine on stories260K (CPU backend): many concurrent requests, preemption,
+// cancellation, prefix caching, submission from many threads, and the completion-token forms.
+#include <doctest/doctest.h>
+
+#include <atomic>
+#include <map>
+#include <random>
+#include <thread>
+
+#include <asio/experimental/awaitable_operators.hpp>
+
+#include "engine/generate.h"
+#include "scheduler/engine.h"
+#include "test_models.h"
+
+#if ASIO_VERSION >= 102400
+namespace asio_deferred = asio;
+#else
+#include <asio/experimental/deferred.hpp>
+namespace asio_deferred = asio::experimental;
+#endif
+
+using namespace coinfer;
+
+namespace {
+
+const char* k_prompts[] = {
+    "Once upon a time",
+    "Lily wanted to",
+    "The little dog",
+    "One day, a big bear",
+    "Tom and his friend went to the park",
+    "The sun was shining and",
+    "There was a girl named Sue. She liked to",
+    "Ben had a red ball",
+    "Mom said",
+    "The cat and the bird were",
+};
+
+std::shared_ptr<const Model> stories() {
+    static std::shared_ptr<const Model> model = [] {
+        auto path = test::model_file("stories260K.gguf");
+        return path ? Model::load(*path) : nullptr;
+    }();
+    return model;
+}
+
+// Greedy ids of each prompt run alone through the reference path, 64 tokens; a request with
+// max_tokens m must give the first m (fewer if EOS comes first).
+const std::vector<TokenId>& reference(const std::vector<TokenId>& prompt_ids) {
+    static std::map<std::vector<TokenId>, std::vector<TokenId>> cache;
+    auto it = cache.find(prompt_ids);
+    if (it != cache.end()) return it->second;
+    auto model = stories();
+    BackendOptions bo;
+    bo.n_blocks = 16;
+    auto backend = make_cpu_backend(model, bo);
+    KvBlockPool pool(backend->n_blocks(), backend->block_size());
+    GenerateOptions g;
+    g.max_tokens = 64;
+    g.sampling.temperature = 0;
+    auto r = generate(*backend, pool, *model, prompt_ids, g);
+    return cache.emplace(prompt_ids, r.ids).first->second;
+}
+
+std::vector<TokenId> expected(const std::vector<TokenId>& prompt_ids, int32_t max_tokens) {
+    const auto& ref = reference(prompt_ids);
+    return {ref.begin(), ref.begin() + std::min<size_t>(ref.size(), static_cast<size_t>(max_tokens))};
+}
+
+EngineOptions options(int32_t n_blocks = 1024) {
+    EngineOptions o;
+    o.loaded = stories();
+    o.device = "cpu";
+    o.backend.n_blocks = n_blocks;
+    o.planner.max_batch_tokens = 512;
+    o.planner.max_seqs = 256;
+    return o;
+}
+
+Request greedy(const std::string& prompt, int32_t max_tokens) {
+    Request r;
+    r.prompt = prompt;
+    r.max_tokens = max_tokens;
+    r.sampling.temperature = 0;
+    return r;
+}
+
+// Runs n greedy requests at once through async_complete and checks every output.
+void run_many(Engine& engine, asio::io_context& io, int n, uint32_t seed) {
+    std::mt19937 rng(seed);
+    std::vector<Request> reqs;
+    for (int i = 0; i < n; ++i)
+        reqs.push_back(greedy(k_prompts[rng() % std::size(k_prompts)], std::uniform_int_distribution<int32_t>(16, 64)(rng)));
+    int n_ok = 0, n_done = 0;
+    for (const auto& req : reqs) {
+        engine.async_complete(req, [&, req](std::error_code ec, Completion c) {
+            ++n_done;
+            REQUIRE(!ec);
+            bool same = c.ids == expected(c.prompt_ids, req.max_tokens);
+            if (!same) MESSAGE("mismatch for '" << req.prompt << "' max_tokens " << req.max_tokens);
+            n_ok += same;
+        });
+    }
+    io.run();
+    io.restart();
+    CHECK(n_done == n);
+    CHECK(n_ok == n);
+}
+
+}  // namespace
+
+TEST_CASE("1,000 concurrent greedy requests each give the ids of the request run alone") {
+    if (!stories()) return;
+    asio::io_context io;
+    Engine engine(io.get_executor(), options());
+    run_many(engine, io, 1000, 1);
+    auto st = engine.stats();
+    MESSAGE("peak batch " << st.peak_batch_seqs << " seqs, " << st.n_steps << " steps, " << st.n_preemptions << " preemptions");
+    CHECK(st.peak_batch_seqs > 64);
+    CHECK(st.kv_blocks_free == st.kv_blocks_total);
+    CHECK(st.n_running == 0);
+}
+
+TEST_CASE("with only 64 KV blocks requests are preempted and every output is still identical") {
+    if (!stories()) return;
+    asio::io_context io;
+    Engine engine(io.get_executor(), options(64));
+    run_many(engine, io, 300, 2);
+    auto st = engine.stats();
+    MESSAGE("preemptions: " << st.n_preemptions);
+    CHECK(st.n_preemptions > 0);
+    CHECK(st.kv_blocks_free == 64);
+}
+
+TEST_CASE("cancelling half of 500 streams at random points leaves the others intact and frees every block") {
+    if (!stories()) return;
+    asio::io_context io;
+    Engine engine(io.get_executor(), options());
+    const int32_t free_before = engine.stats().kv_blocks_free;
+    std::mt19937 rng(3);
+    int n_ok = 0, n_cancelled = 0, n_finished = 0;
+    for (int i = 0; i < 500; ++i) {
+        Request req = greedy(k_prompts[rng() % std::size(k_prompts)], 48);
+        const bool cancel = rng() % 2 == 0;
+        const int cancel_after = 1 + static_cast<int>(rng() % 40);
+        asio::co_spawn(io, [&, req, cancel, cancel_after]() -> asio::awaitable<void> {
+            TokenStream stream = engine.generate(req);
+            std::vector<TokenId> ids;
+            while (auto ev = co_await stream.next()) {
+                ids.push_back(ev->id);
+                if (cancel && static_cast<int>(ids.size()) == cancel_after) {
+                    if (cancel_after % 2) stream.cancel();  // else dropping the stream cancels
+                    break;
+                }
+            }
+            if (cancel && static_cast<int>(ids.size()) == cancel_after) {
+                ++n_cancelled;
+                co_return;  // the stream is destroyed here: that cancels too
+            }
+            ++n_finished;
+            n_ok += ids == expected(stream.prompt_ids(), 48);
+        }, asio::detached);
+    }
+    io.run();
+    // Cancellations take effect at the next step; give the loop a moment to get there.
+    for (int i = 0; i < 100 && engine.stats().kv_blocks_free != free_before; ++i)
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    MESSAGE(n_cancelled << " cancelled, " << n_finished << " finished");
+    CHECK(n_cancelled > 150);
+    CHECK(n_ok == n_finished);
+    CHECK(n_ok + n_cancelled == 500);
+    auto st = engine.stats();
+    CHECK(st.kv_blocks_free == free_before);
+    CHECK(st.n_running == 0);
+    CHECK(st.n_waiting == 0);
+}
+
+TEST_CASE("100 requests sharing a 48-token prefix hit the prefix cache and match uncached runs") {
+    auto model = stories();
+    if (!model) return;
+    std::mt19937 rng(4);
+    std::vector<TokenId> prefix{1};
+    while (prefix.size() < 48) prefix.push_back(static_cast<TokenId>(3 + rng() % 500));
+    std::vector<std::vector<TokenId>> prompts;
+    for (int i = 0; i < 100; ++i) {
+        auto p = prefix;
+        for (int k = 0; k < 4; ++k) p.push_back(static_cast<TokenId>(3 + rng() % 500));
+        prompts.push_back(p);
+    }
+    auto run = [&](bool cache, std::vector<std::vector<TokenId>>& outs, double& hit_rate) {
+        asio::io_context io;
+        EngineOptions o = options();
+        o.planner.prefix_cache = cache;
+        Engine engine(io.get_executor(), o);
+        outs.assign(prompts.size(), {});
+        auto one = [&](size_t i) {
+            Request r;
+            r.prompt_ids = prompts[i];
+            r.max_tokens = 16;
+            r.sampling.temperature = 0;
+            r.ignore_eos = true;
+            engine.async_complete(r, [&, i](std::error_code ec, Completion c) {
+                CHECK(!ec);
+                outs[i] = c.ids;
+            });
+        };
+        one(0);
+        io.run();
+        io.restart();
+        const auto before = engine.stats();
+        for (size_t i = 1; i < prompts.size(); ++i) one(i);
+        io.run();
+        const auto after = engine.stats();
+        const double queried = 99.0 * 51;  // n_tokens - 1 per prompt is looked up
+        hit_rate = double(after.prefix_hit_tokens - before.prefix_hit_tokens) / queried;
+        CHECK(after.kv_blocks_free == after.kv_blocks_total);
+    };
+    std::vector<std::vector<TokenId>> cached, uncached;
+    double hit = 0, hit_off = 0;
+    run(true, cached, hit);
+    run(false, uncached, hit_off);
+    MESSAGE("prefix-cache hit rate after the first request: " << hit);
+    CHECK(hit > 0.9);
+    CHECK(hit_off == 0);
+    CHECK(cached == uncached);
+}
+
+TEST_CASE("8 threads submitting 200 requests each at once all complete correctly") {
+    if (!stories()) return;
+    asio::io_context io;
+    auto guard = asio::make_work_guard(io);
+    std::thread runner([&] { io.run(); });
+    Engine engine(io.get_executor(), options());
+    for (const char* p : k_prompts) reference(stories()->tokenizer().encode(p, true, true));  // warm the cache
+    std::atomic<int> n_ok{0}, n_done{0};
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 8; ++t) {
+        threads.emplace_back([&, t] {
+            for (int i = 0; i < 200; ++i) {
+                Request req = greedy(k_prompts[(t * 200 + i) % std::size(k_prompts)], 16 + (i % 3) * 8);
+                engine.async_complete(req, [&, req](std::error_code ec, Completion c) {
+                    if (!ec && c.ids == expected(c.prompt_ids, req.max_tokens)) ++n_ok;
+                    ++n_done;
+                });
+            }
+        });
+    }
+    for (auto& th : threads) th.join();
+    for (int i = 0; i < 3000 && n_done.load() < 1600; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    guard.reset();
+    runner.join();
+    CHECK(n_done.load() == 1600);
+    CHECK(n_ok.load() == 1600);
+}
+
+TEST_CASE("async_complete works with callbacks, deferred and use_awaitable") {
+    if (!stories()) return;
+    asio::io_context io;
+    Engine engine(io.get_executor(), options());
+    Request req = greedy("Once upon a time", 24);
+    const auto want = expected(stories()->tokenizer().encode(req.prompt, true, true), 24);
+
+    std::vector<TokenId> by_callback, by_deferred, by_awaitable;
+    engine.async_complete(req, [&](std::error_code ec, Completion c) {
+        CHECK(!ec);
+        by_callback = c.ids;
+    });
+    auto op = engine.async_complete(req, asio_deferred::deferred);
+    std::move(op)([&](std::error_code ec, Completion c) {
+        CHECK(!ec);
+        by_deferred = c.ids;
+    });
+    asio::co_spawn(io, [&]() -> asio::awaitable<void> {
+        Completion c = co_await engine.async_complete(req, asio::use_awaitable);
+        by_awaitable = c.ids;
+        CHECK(c.finish_reason == FINISH_REASON_LENGTH);
+        CHECK(c.text.size() > 0);
+    }, asio::detached);
+    io.run();
+    CHECK(by_callback == want);
+    CHECK(by_deferred == want);
+    CHECK(by_awaitable == want);
+}
+
+TEST_CASE("the stream's next() also takes callbacks, and cancellation through a slot cancels the request") {
+    if (!stories()) return;
+    asio::io_context io;
+    Engine engine(io.get_executor(), options());
+    const int32_t free_before = engine.stats().kv_blocks_free;
+    // A timer racing a long request: the awaitable operator cancels the losing next().
+    using namespace asio::experimental::awaitable_operators;
+    bool cancelled = false;
+    asio::co_spawn(io, [&]() -> asio::awaitable<void> {
+        Request req = greedy("Once upon a time", 1000);
+        req.ignore_eos = true;
+        req.max_tokens = 1500;
+        TokenStream stream = engine.generate(req);
+        asio::steady_timer timer(io, std::chrono::milliseconds(1));
+        try {
+            while (true) {
+                auto r = co_await (stream.next() || timer.async_wait(asio::use_awaitable));
+                if (r.index() == 1) {
+                    cancelled = true;
+                    break;
+                }
+                if (!std::get<0>(r)) break;
+            }
+        } catch (const std::system_error&) {
+            cancelled = true;
+        }
+    }, asio::detached);
+    io.run();
+    CHECK(cancelled);
+    for (int i = 0; i < 100 && engine.stats().kv_blocks_free != free_before; ++i)
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    CHECK(engine.stats().kv_blocks_free == free_before);
+    CHECK(engine.stats().n_requests_cancelled >= 1);
+}
+
+TEST_CASE("--max-waiting overflow fails at once with queue_full and leaks nothing") {
+    if (!stories()) return;
+    asio::io_context io;
+    EngineOptions o = options();
+    o.max_waiting = 4;
+    o.planner.max_seqs = 1;
+    Engine engine(io.get_executor(), o);
+    int n_full = 0, n_ok = 0;
+    std::vector<TokenStream> streams;
+    for (int i = 0; i < 20; ++i) {
+        try {
+            streams.push_back(engine.generate(greedy("Once upon a time", 32)));
+        } catch (const EngineError& e) {
+            CHECK(e.code() == EngineErrc::queue_full);
+            CHECK(std::string(e.what()).find("max_waiting") != std::string::npos);
+            ++n_full;
+        }
+    }
+    int n_async_full = 0;
+    for (int i = 0; i < 5; ++i)
+        engine.async_complete(greedy("Lily wanted to", 8), [&](std::error_code ec, Completion) {
+            if (ec == EngineErrc::queue_full) ++n_async_full;
+        });
+    for (auto& s : streams)
+        asio::co_spawn(io, [&s, &n_ok]() -> asio::awaitable<void> {
+            int n = 0;
+            while (co_await s.next()) ++n;
+            n_ok += n > 0;
+        }, asio::detached);
+    io.run();
+    MESSAGE(n_full << " refused, " << streams.size() << " accepted");
+    CHECK(n_full >= 15);
+    CHECK(n_async_full >= 4);
+    CHECK(n_ok == static_cast<int>(streams.size()));
+    CHECK(engine.stats().kv_blocks_free == engine.stats().kv_blocks_total);
+}
+
+TEST_CASE("bad requests throw a clear error and do not disturb a running one") {
+    if (!stories()) return;
+    asio::io_context io;
+    Engine engine(io.get_executor(), options());
+    std::vector<TokenId> good;
+    engine.async_complete(greedy("Once upon a time", 32), [&](std::error_code ec, Completion c) {
+        CHECK(!ec);
+        good = c.ids;
+    });
+    auto expect_error = [&](Request r, const char* fragment) {
+        CAPTURE(fragment);
+        try {
+            engine.generate(r);
+            CHECK_MESSAGE(false, "no error");
+        } catch (const Error& e) {
+            CHECK(std::string(e.what()).find(fragment) != std::string::npos);
+        }
+    };
+    Request empty = greedy("", 8);
+    empty.add_special = false;
+    expect_error(empty, "empty");
+    expect_error(greedy("Once upon a time", 0), "max_tokens");
+    expect_error(greedy("Once upon a time", 5000), "context");
+    Request nan_temp = greedy("Once upon a time", 8);
+    nan_temp.sampling.temperature = std::nanf("");
+    expect_error(nan_temp, "temperature");
+    Request bad_top_p = greedy("Once upon a time", 8);
+    bad_top_p.sampling.top_p = 1.5f;
+    expect_error(bad_top_p, "top_p");
+    Request bad_ids = greedy("", 8);
+    bad_ids.prompt_ids = {1, 99999};
+    expect_error(bad_ids, "vocabulary");
+    io.run();
+    CHECK(good == expected(stories()->tokenizer().encode("Once upon a time", true, true), 32));
+}
+
+TEST_CASE("sampled requests are reproducible per seed whatever the batch company") {
+    if (!stories()) return;
+    auto run = [&](int n_company) {
+        asio::io_context io;
+        Engine engine(io.get_executor(), options());
+        Request r;
+        r.prompt = "Once upon a time";
+        r.max_tokens = 40;
+        r.sampling.temperature = 0.9f;
+        r.sampling.top_p = 0.95f;
+        r.sampling.seed = 1234;
+        std::vector<TokenId> out;
+        for (int i = 0; i < n_company; ++i) {
+            Request c = r;
+            c.sampling.seed = 99 + i;
+            c.prompt = k_prompts[i % std::size(k_prompts)];
+            engine.async_complete(c, [](std::error_code, Completion) {});
+        }
+        engine.async_complete(r, [&](std::error_code ec, Completion c) {
+            CHECK(!ec);
+            out = c.ids;
+        });
+        io.run();
+        return out;
+    };
+    auto alone = run(0);
+    CHECK(alone.size() > 0);
+    CHECK(run(7) == alone);
+    CHECK(run(50) == alone);
+}
