@@ -35,7 +35,7 @@ void print_usage(std::FILE* out) {
 int main(int argc, char** argv) {
     std::vector<std::string> args(argv + 1, argv + argc);
     if (args.empty()) {
-        print_usage(stderr);
+        fmt::print(stderr, "coinfer: missing command (see 'coinfer --help')\n");
         return 2;
     }
     if (args[0] == "--help" || args[0] == "-h" || args[0] == "help") {
@@ -61,7 +61,6 @@ int main(int argc, char** argv) {
             return 1;
         }
     }
-    fmt::print(stderr, "coinfer: unknown command '{}'\n", args[0]);
-    print_usage(stderr);
+    fmt::print(stderr, "coinfer: unknown command '{}' (see 'coinfer --help')\n", args[0]);
     return 2;
 }

@@ -19,6 +19,9 @@ namespace {
 constexpr uint32_t k_magic = 0x46554747;  // "GGUF" little-endian
 constexpr int k_max_array_depth = 16;      // nested arrays deeper than this are refused
 constexpr uint32_t k_max_dims = 4;
+// Counts are bounded by the bytes left, but an element can take several times its encoded size
+// in memory: reserve at most this many up front and let larger containers grow as they fill.
+constexpr uint64_t k_max_reserve = 1 << 16;
 
 // Smallest encoding of one element of each type, used to bound counts by the bytes left.
 uint64_t min_encoded_size(uint32_t type) {
@@ -145,14 +148,14 @@ GgufArray read_array(Cursor& c, const std::string& field, int depth) {
         }
         case GGUF_TYPE_STRING: {
             std::vector<std::string> v;
-            v.reserve(n);
+            v.reserve(std::min(n, k_max_reserve));
             for (uint64_t i = 0; i < n; ++i) v.push_back(c.read_string(field));
             a.data = std::move(v);
             break;
         }
         case GGUF_TYPE_ARRAY: {
             std::vector<GgufArray> v;
-            v.reserve(n);
+            v.reserve(std::min(n, k_max_reserve));
             for (uint64_t i = 0; i < n; ++i) v.push_back(read_array(c, field, depth + 1));
             a.data = std::move(v);
             break;
@@ -269,7 +272,7 @@ void GgufFile::parse() {
     if (n_kv > c.left() / 13)
         c.fail("metadata count", at_kv, fmt::format("{} key/value pairs cannot fit in a {}-byte file", n_kv, size_));
 
-    kv_.reserve(n_kv);
+    kv_.reserve(std::min(n_kv, k_max_reserve));
     for (uint64_t i = 0; i < n_kv; ++i) {
         uint64_t at_key = c.pos();
         std::string key = c.read_string(fmt::format("metadata key #{}", i));
@@ -291,9 +294,9 @@ void GgufFile::parse() {
         alignment_ = *p;
     }
 
-    tensors_.reserve(n_tensors);
+    tensors_.reserve(std::min(n_tensors, k_max_reserve));
     std::vector<uint64_t> offset_field_at;  // where each tensor's offset field sits, for errors
-    offset_field_at.reserve(n_tensors);
+    offset_field_at.reserve(std::min(n_tensors, k_max_reserve));
     for (uint64_t i = 0; i < n_tensors; ++i) {
         GgufTensorInfo t;
         uint64_t at_t = c.pos();
@@ -355,8 +358,11 @@ void GgufFile::parse() {
                                t.offset, t.n_bytes, data_size));
         t.data = base_ + data_offset_ + t.offset;
     }
-    std::sort(order.begin(), order.end(),
-              [&](size_t a, size_t b) { return tensors_[a].offset < tensors_[b].offset; });
+    // Ties: empty tensors first, so one sharing an offset with the next tensor is no overlap.
+    std::sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+        return std::pair(tensors_[a].offset, tensors_[a].n_bytes) <
+               std::pair(tensors_[b].offset, tensors_[b].n_bytes);
+    });
     for (size_t k = 1; k < order.size(); ++k) {
         const auto& prev = tensors_[order[k - 1]];
         const auto& cur = tensors_[order[k]];
@@ -484,11 +490,19 @@ void GgufWriter::add_tensor(std::string name, GgmlType type, std::vector<int64_t
                             std::vector<uint8_t> data) {
     if (ne.empty() || ne.size() > k_max_dims)
         throw_error("tensor '{}': {} dims (1 to {} allowed)", name, ne.size(), k_max_dims);
-    int64_t n = 1;
-    for (auto d : ne) n *= d;
+    // Rows counted apart from ne[0], which may be 0; checked so no product overflows.
+    uint64_t rows = 1;
+    for (size_t i = 0; i < ne.size(); ++i) {
+        if (ne[i] < 0) throw_error("tensor '{}': dimension {} is negative ({})", name, i, ne[i]);
+        if (i > 0 && mul_overflows(rows, static_cast<uint64_t>(ne[i]), &rows))
+            throw_error("tensor '{}': element count overflows 64 bits", name);
+    }
     auto row = ggml_row_bytes(type, ne[0]);
     if (!row) throw_error("tensor '{}': row length {} does not fit type {}", name, ne[0], ggml_type_name(type));
-    size_t want = *row * static_cast<size_t>(n / ne[0]);
+    uint64_t want = 0, n_el = 0;
+    if (mul_overflows(*row, rows, &want) || mul_overflows(rows, static_cast<uint64_t>(ne[0]), &n_el) ||
+        n_el > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()))
+        throw_error("tensor '{}': size overflows 64 bits", name);
     if (data.size() != want)
         throw_error("tensor '{}': {} bytes given, {} expected", name, data.size(), want);
     for (const auto& t : tensors_)
@@ -505,6 +519,8 @@ uint64_t GgufWriter::alignment() const {
 
 std::vector<uint8_t> GgufWriter::to_bytes() const {
     const uint64_t align = alignment();
+    if (align == 0 || (align & (align - 1)) != 0)
+        throw_error("general.alignment {} is not a power of two", align);
     Out o;
     o.put<uint32_t>(k_magic);
     o.put<uint32_t>(3);
