@@ -26,22 +26,22 @@
 namespace coinfer {
 
 struct Request {
-    std::string prompt;
-    std::vector<TokenId> prompt_ids;  // used instead of `prompt` when not empty
+    std::string prompt{};
+    std::vector<TokenId> prompt_ids{};  // used instead of `prompt` when not empty
     int32_t max_tokens = 128;
-    SamplingParams sampling;          // sampling.n_logprobs asks for top-n logprobs
-    std::vector<std::string> stop;
+    SamplingParams sampling{};        // sampling.n_logprobs asks for top-n logprobs
+    std::vector<std::string> stop{};
     bool ignore_eos = false;
     bool add_special = true;          // BOS/EOS as the model's tokenizer says
     bool parse_special = true;        // special tokens written in the prompt are recognised
 };
 
 struct EngineOptions {
-    std::string model;                       // GGUF path (ignored when `loaded` is set)
-    std::shared_ptr<const Model> loaded;     // an already loaded model
+    std::string model{};                     // GGUF path (ignored when `loaded` is set)
+    std::shared_ptr<const Model> loaded{};   // an already loaded model
     std::string device = "auto";             // "cpu", "cuda" or "auto" (cuda when present)
-    BackendOptions backend;                  // KV pool size, block size, threads
-    PlannerOptions planner;                  // token budget, max sequences, prefix cache
+    BackendOptions backend{};                // KV pool size, block size, threads
+    PlannerOptions planner{};                // token budget, max sequences, prefix cache
     int32_t max_waiting = 4096;              // submitted but not yet started requests
     int32_t n_ctx = 0;                       // per-request context limit; 0: the model's
 };

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds coinfer and runs every test suite (unit, model, gpu), then the GGUF reader's tests again
-# under AddressSanitizer + UndefinedBehaviorSanitizer. Ends with "N passed, N failed, N skipped".
+# Builds coinfer and runs every test suite (unit, model, gpu), then the GGUF reader's tests and
+# the engine's cancellation tests again under AddressSanitizer + UndefinedBehaviorSanitizer.
+# Ends with "N passed, N failed, N skipped".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
@@ -11,13 +12,14 @@ ninja -C build -j "$jobs"
 status=0
 meson test -C build --no-rebuild --print-errorlogs --num-processes "$jobs" || status=1
 
-# Sanitizer build: only the targets that read untrusted files.
-san_tests=(test_gguf test_gguf_fuzz)
-[ -d build-asan ] || meson setup build-asan -Dbuildtype=debug -Db_sanitize=address,undefined \
+# Sanitizer build: the file reader's tests and the engine's cancellation cases.
+san_tests=(test_gguf test_gguf_fuzz test_engine_cancel)
+san_targets=(tests/unit/test_gguf tests/unit/test_gguf_fuzz tests/model/test_engine)
+[ -d build-asan ] || meson setup build-asan -Dbuildtype=debugoptimized -Db_sanitize=address,undefined \
   -Db_lundef=false -Dcuda=disabled >/dev/null
-ninja -C build-asan -j "$jobs" "${san_tests[@]/#/tests/unit/}"
+ninja -C build-asan -j "$jobs" "${san_targets[@]}"
 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 ASAN_OPTIONS=detect_leaks=1 \
-  meson test -C build-asan --no-rebuild --print-errorlogs --suite unit "${san_tests[@]}" || status=1
+  meson test -C build-asan --no-rebuild --print-errorlogs "${san_tests[@]}" || status=1
 
 python3 scripts/test_summary.py build/meson-logs/testlog.json build-asan/meson-logs/testlog.json
 exit $status
