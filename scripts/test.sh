@@ -4,7 +4,7 @@
 # Ends with "N passed, N failed, N skipped".
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/install-deps.sh
+bash scripts/install-deps.sh --test
 jobs="${COINFER_JOBS:-$(nproc)}"
 
 [ -d build ] || meson setup build

@@ -1,0 +1,261 @@
+#include "chat_template.h"
+
+#include <algorithm>
+#include <array>
+#include <utility>
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include "error.h"
+
+namespace coinfer {
+namespace {
+
+struct NameEntry {
+    std::string_view name;       // what the user may type
+    std::string_view canonical;  // what ChatTemplate::name() reports
+};
+
+// Canonical names first; aliases map onto them.
+constexpr std::array<NameEntry, 16> kNames{{
+    {"chatml", "chatml"},
+    {"llama2", "llama2"},
+    {"llama2-nosys", "llama2-nosys"},
+    {"llama2-sys-bos", "llama2-sys-bos"},
+    {"llama2-sys-strip", "llama2-sys-strip"},
+    {"mistral-v1", "mistral-v1"},
+    {"mistral-v3", "mistral-v3"},
+    {"mistral-v3-tekken", "mistral-v3-tekken"},
+    {"mistral-v7", "mistral-v7"},
+    {"mistral-v7-tekken", "mistral-v7-tekken"},
+    {"llama3", "llama3"},
+    {"phi3", "phi3"},
+    {"zephyr", "zephyr"},
+    {"qwen", "chatml"},
+    {"llama2-sys", "llama2"},
+    {"mistral", "mistral-v1"},
+}};
+
+std::optional<std::string_view> canonical_name(std::string_view name) {
+    for (const auto& e : kNames)
+        if (e.name == name) return e.canonical;
+    return std::nullopt;
+}
+
+std::string all_names() {
+    std::vector<std::string_view> names;
+    for (const auto& e : kNames) names.push_back(e.name);
+    return fmt::format("{}", fmt::join(names, ", "));
+}
+
+bool is_space(char c) {
+    return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f';
+}
+
+// Jinja's |trim and Python's str.strip() on ASCII whitespace.
+std::string_view trim(std::string_view s) {
+    size_t b = 0, e = s.size();
+    while (b < e && is_space(s[b])) ++b;
+    while (e > b && is_space(s[e - 1])) --e;
+    return s.substr(b, e - b);
+}
+
+// Short, printable excerpt of an untrusted template source for error messages.
+std::string excerpt(std::string_view s) {
+    std::string out;
+    for (char c : s.substr(0, 60)) out += (c == '\n' || c == '\r') ? ' ' : c;
+    if (s.size() > 60) out += "...";
+    return out;
+}
+
+void render_chatml(std::string& out, std::span<const ChatMessage> msgs, bool add_ass) {
+    for (const auto& m : msgs) out += fmt::format("<|im_start|>{}\n{}<|im_end|>\n", m.role, m.content);
+    if (add_ass) out += "<|im_start|>assistant\n";
+}
+
+// The Llama 2 family. The first [INST] is opened up front; BOS before it is the tokenizer's.
+void render_llama2(std::string& out, std::span<const ChatMessage> msgs, bool with_sys_tags,
+                   bool bos_between_turns, bool strip) {
+    bool inside_turn = true;
+    out += "[INST] ";
+    for (const auto& m : msgs) {
+        std::string_view content = strip ? trim(m.content) : std::string_view(m.content);
+        if (!inside_turn) {
+            inside_turn = true;
+            out += bos_between_turns ? "<s>[INST] " : "[INST] ";
+        }
+        if (m.role == "system") {
+            if (with_sys_tags)
+                out += fmt::format("<<SYS>>\n{}\n<</SYS>>\n\n", content);
+            else
+                out += fmt::format("{}\n", content);
+        } else if (m.role == "user") {
+            out += fmt::format("{} [/INST]", content);
+        } else {
+            out += fmt::format("{}</s>", content);
+            inside_turn = false;
+        }
+    }
+}
+
+// Mistral v1 / v3 / v3-tekken: they differ only in spaces around [INST] and in trimming.
+void render_mistral_v1_v3(std::string& out, std::span<const ChatMessage> msgs,
+                          std::string_view lead, std::string_view trail, bool trim_assistant) {
+    bool inside_turn = false;
+    for (const auto& m : msgs) {
+        if (!inside_turn) {
+            out += fmt::format("{}[INST]{}", lead, trail);
+            inside_turn = true;
+        }
+        if (m.role == "system") {
+            out += fmt::format("{}\n\n", m.content);
+        } else if (m.role == "user") {
+            out += fmt::format("{}{}[/INST]", m.content, lead);
+        } else {
+            std::string_view content = trim_assistant ? trim(m.content) : std::string_view(m.content);
+            out += fmt::format("{}{}</s>", trail, content);
+            inside_turn = false;
+        }
+    }
+}
+
+void render_mistral_v7(std::string& out, std::span<const ChatMessage> msgs, std::string_view sp) {
+    for (const auto& m : msgs) {
+        if (m.role == "system")
+            out += fmt::format("[SYSTEM_PROMPT]{}{}[/SYSTEM_PROMPT]", sp, m.content);
+        else if (m.role == "user")
+            out += fmt::format("[INST]{}{}[/INST]", sp, m.content);
+        else
+            out += fmt::format("{}{}</s>", sp, m.content);
+    }
+}
+
+void render_llama3(std::string& out, std::span<const ChatMessage> msgs, bool add_ass) {
+    for (const auto& m : msgs)
+        out += fmt::format("<|start_header_id|>{}<|end_header_id|>\n\n{}<|eot_id|>", m.role, trim(m.content));
+    if (add_ass) out += "<|start_header_id|>assistant<|end_header_id|>\n\n";
+}
+
+// phi3 and zephyr share the shape <|role|>\ncontent END\n.
+void render_role_bars(std::string& out, std::span<const ChatMessage> msgs, bool add_ass,
+                      std::string_view end) {
+    for (const auto& m : msgs) out += fmt::format("<|{}|>\n{}{}\n", m.role, m.content, end);
+    if (add_ass) out += "<|assistant|>\n";
+}
+
+}  // namespace
+
+std::vector<std::string> ChatTemplate::known_names() {
+    std::vector<std::string> names;
+    for (const auto& e : kNames)
+        if (e.name == e.canonical) names.emplace_back(e.name);
+    return names;
+}
+
+ChatTemplate ChatTemplate::from_name(std::string_view name) {
+    auto canonical = canonical_name(name);
+    if (!canonical)
+        throw_error("unknown chat template '{}'; known templates: {}", excerpt(name), all_names());
+    return ChatTemplate(std::string(*canonical));
+}
+
+ChatTemplate ChatTemplate::detect(std::string_view src) {
+    if (canonical_name(src)) return from_name(src);
+    auto has = [src](std::string_view s) { return src.find(s) != std::string_view::npos; };
+    auto unsupported = [&](std::string_view family) -> ChatTemplate {
+        throw_error("chat template looks like {}, which is not supported (template starts '{}'); "
+                    "choose one with --chat-template: {}", family, excerpt(src), all_names());
+    };
+
+    if (has("<|im_start|>")) {
+        if (has("<|im_sep|>")) return unsupported("phi4");
+        if (has("<end_of_utterance>")) return unsupported("smolvlm");
+        return ChatTemplate("chatml");
+    }
+    if (src.starts_with("mistral") || has("[INST]")) {
+        if (has("[SYSTEM_PROMPT]")) return ChatTemplate("mistral-v7");
+        // Mistral's official v1 spells "' [INST] ' + system_message"; v3 has tool markers.
+        if (has("' [INST] ' + system_message") || has("[AVAILABLE_TOOLS]")) {
+            if (has(" [INST]")) return ChatTemplate("mistral-v1");
+            if (has("\"[INST]\"")) return ChatTemplate("mistral-v3-tekken");
+            return ChatTemplate("mistral-v3");
+        }
+        if (has("content.strip()")) return ChatTemplate("llama2-sys-strip");
+        if (has("bos_token + '[INST]")) return ChatTemplate("llama2-sys-bos");
+        if (has("<<SYS>>")) return ChatTemplate("llama2");
+        return ChatTemplate("llama2-nosys");
+    }
+    if (has("<|assistant|>") && has("<|end|>")) return ChatTemplate("phi3");
+    if (has("[gMASK]")) return unsupported("chatglm");
+    if (has("<|user|>") && (has("<|assistant|>") || has("<|endoftext|>"))) {
+        // Zephyr ends each turn with EOS. Templates without any EOS are GLM-Edge-like.
+        ChatTemplate t("zephyr");
+        if (has("<|endoftext|>"))
+            t.eos_text_ = "<|endoftext|>";
+        else if (!has("eos_token") && !has("</s>"))
+            return unsupported("glm-edge");
+        return t;
+    }
+    if (has("<|start_header_id|>") && has("<|end_header_id|>")) return ChatTemplate("llama3");
+    throw_error("unrecognised chat template (starts '{}'); choose one with --chat-template: {}",
+                excerpt(src), all_names());
+}
+
+ChatTemplate ChatTemplate::for_model(const GgufFile& file, const std::optional<std::string>& override_name) {
+    if (override_name) return from_name(*override_name);
+    auto src = file.get_opt<std::string>("tokenizer.chat_template");
+    if (!src) return ChatTemplate("chatml");
+    ChatTemplate t = [&] {
+        try {
+            return detect(*src);
+        } catch (const Error& e) {
+            throw_error("{}: tokenizer.chat_template: {}", file.path(), e.what());
+        }
+    }();
+    // Zephyr's {{ eos_token }} is the model's own EOS text.
+    if (t.name_ == "zephyr" && src->find("<|endoftext|>") == std::string::npos) {
+        auto eos = file.get_int_opt("tokenizer.ggml.eos_token_id");
+        if (eos && file.has("tokenizer.ggml.tokens")) {
+            try {
+                const auto& tokens = file.get_array<std::string>("tokenizer.ggml.tokens");
+                if (*eos >= 0 && static_cast<uint64_t>(*eos) < tokens.size()) t.eos_text_ = tokens[*eos];
+            } catch (const Error&) {
+                // a malformed vocabulary is the tokenizer's to report; keep "</s>"
+            }
+        }
+    }
+    return t;
+}
+
+std::string ChatTemplate::apply(std::span<const ChatMessage> msgs, bool add_ass) const {
+    std::string out;
+    const std::string& n = name_;
+    if (n == "chatml") render_chatml(out, msgs, add_ass);
+    else if (n == "llama2") render_llama2(out, msgs, true, false, false);
+    else if (n == "llama2-nosys") render_llama2(out, msgs, false, false, false);
+    else if (n == "llama2-sys-bos") render_llama2(out, msgs, true, true, false);
+    else if (n == "llama2-sys-strip") render_llama2(out, msgs, true, false, true);
+    else if (n == "mistral-v1") render_mistral_v1_v3(out, msgs, " ", " ", false);
+    else if (n == "mistral-v3") render_mistral_v1_v3(out, msgs, "", " ", true);
+    else if (n == "mistral-v3-tekken") render_mistral_v1_v3(out, msgs, "", "", false);
+    else if (n == "mistral-v7") render_mistral_v7(out, msgs, " ");
+    else if (n == "mistral-v7-tekken") render_mistral_v7(out, msgs, "");
+    else if (n == "llama3") render_llama3(out, msgs, add_ass);
+    else if (n == "phi3") render_role_bars(out, msgs, add_ass, "<|end|>");
+    else if (n == "zephyr") render_role_bars(out, msgs, add_ass, eos_text_);
+    else throw_error("chat template '{}' has no renderer", n);  // unreachable: names are checked
+    return out;
+}
+
+std::vector<std::string> ChatTemplate::stop_strings() const {
+    const std::string& n = name_;
+    if (n == "chatml") return {"<|im_end|>", "<|im_start|>"};
+    if (n.starts_with("llama2") || n.starts_with("mistral")) return {"</s>", "[INST]"};
+    if (n == "llama3") return {"<|eot_id|>", "<|start_header_id|>"};
+    if (n == "phi3") return {"<|end|>", "<|user|>"};
+    if (n == "zephyr") return {eos_text_, "<|user|>"};
+    return {};
+}
+
+}  // namespace coinfer
