@@ -5,6 +5,8 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "batch.h"
 #include "model.h"
@@ -18,6 +20,15 @@ struct BackendOptions {
     float gpu_memory_fraction = 0.9f;
 };
 
+// One logit row's greedy sampling inputs for on-device sampling (engine/sampler.h steps 1-3).
+struct DeviceGreedyRow {
+    std::vector<std::pair<int32_t, float>> logit_bias;      // applied in order
+    std::vector<std::pair<int32_t, int32_t>> penalty_counts;  // (token id, times seen in the window)
+    float repeat_penalty = 1.0f;
+    float frequency_penalty = 0.0f;
+    float presence_penalty = 0.0f;
+};
+
 class Backend {
 public:
     virtual ~Backend() = default;
@@ -28,9 +39,18 @@ public:
     // An invalid batch (token out of vocab, position outside its block table, ...) is an Error
     // and leaves the cache untouched.
     virtual void forward(const Batch& batch, std::span<float> logits) = 0;
+
+    // Backends that sample on the device (cuda) run the batch and pick each logit row's greedy
+    // token there, so only ids come back: ids[i] for logit_rows[i], -1 when no token survives.
+    virtual bool samples_on_device() const { return false; }
+    virtual void forward_greedy(const Batch& batch, std::span<const DeviceGreedyRow> rows, std::span<int32_t> ids);
 };
 
 std::unique_ptr<Backend> make_cpu_backend(std::shared_ptr<const Model> model, const BackendOptions& opt);
+// Throws coinfer::Error when the build has no CUDA or no device is present.
+std::unique_ptr<Backend> make_cuda_backend(std::shared_ptr<const Model> model, const BackendOptions& opt);
+// True when this build has CUDA and a device is present (device "auto" picks cuda then).
+bool cuda_device_available();
 
 // Checks a batch against the model and pool geometry (shared by the backends).
 void validate_batch(const Batch& batch, const ModelConfig& config, int32_t n_blocks, int32_t block_size);

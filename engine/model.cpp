@@ -1,6 +1,7 @@
 #include "model.h"
 
 #include "quant.h"
+#include "synthetic.h"
 
 namespace coinfer {
 
@@ -57,6 +58,7 @@ private:
 }  // namespace
 
 std::shared_ptr<const Model> Model::load(const std::string& path) {
+    if (is_synthetic_path(path)) return make_synthetic_model(parse_synthetic_path(path));
     return std::make_shared<const Model>(GgufFile::open(path));
 }
 

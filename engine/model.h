@@ -46,14 +46,19 @@ struct ModelWeights {
 
 class Model {
 public:
-    // Opens, validates and maps a model. Shapes, types and names are checked against the config;
+    // Opens, validates and maps a model. "synthetic:SHAPE[:TYPE]" builds random weights in
+    // memory instead (engine/synthetic.h). Shapes, types and names are checked against the config;
     // any mismatch is an Error naming the tensor.
     static std::shared_ptr<const Model> load(const std::string& path);
     static std::shared_ptr<const Model> from_file(GgufFile file);
 
     const GgufFile& file() const { return file_; }
     const ModelConfig& config() const { return config_; }
-    const Tokenizer& tokenizer() const { return *tokenizer_; }
+    bool has_tokenizer() const { return tokenizer_ != nullptr; }
+    const Tokenizer& tokenizer() const {
+        if (!tokenizer_) throw_error("{}: the model has no tokenizer (no tokenizer.ggml.* keys)", file_.path());
+        return *tokenizer_;
+    }
     const ModelWeights& weights() const { return weights_; }
 
     explicit Model(GgufFile file);

@@ -93,6 +93,7 @@ public:
         window_.clear();
         counts_.clear();
     }
+    const std::unordered_map<int32_t, int32_t>& counts() const { return counts_; }
 
 private:
     int32_t last_n_;  // > 0, or -1 for unbounded
@@ -285,6 +286,13 @@ int32_t Sampler::sample(std::span<float> logits, uint64_t token_index) {
     for (auto& stage : stages_) stage->apply(row_);
     row_.logits = {};
     return row_.selected;
+}
+
+std::vector<std::pair<int32_t, int32_t>> Sampler::penalty_counts() const {
+    for (const auto& stage : stages_)
+        if (const auto* p = dynamic_cast<const PenaltyStage*>(stage.get()))
+            return {p->counts().begin(), p->counts().end()};
+    return {};
 }
 
 void Sampler::accept(int32_t id) {

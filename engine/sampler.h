@@ -107,6 +107,11 @@ public:
     void reset();
 
     const SamplingParams& params() const { return params_; }
+    // True when sample() is a plain argmax after bias and penalties (temperature below
+    // k_greedy_temperature): a device sampler can then decide the row.
+    bool is_greedy() const { return params_.temperature < SamplingParams::k_greedy_temperature; }
+    // The penalty window as (token id, times seen), or empty when no penalty stage is active.
+    std::vector<std::pair<int32_t, int32_t>> penalty_counts() const;
     // The candidates that the last sample() drew from (empty after a greedy pick).
     std::span<const SamplerCandidate> last_candidates() const { return row_.candidates; }
     // Stage names in chain order, for logs and tests.

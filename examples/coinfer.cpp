@@ -22,6 +22,9 @@ const Command k_commands[] = {
     {"tokenize", coinfer::cli::cmd_tokenize, "turn text into token ids"},
     {"generate", coinfer::cli::cmd_generate, "generate text from a prompt"},
     {"perplexity", coinfer::cli::cmd_perplexity, "perplexity of a text file"},
+    {"serve", coinfer::cli::cmd_serve, "OpenAI-compatible HTTP server with streaming and metrics"},
+    {"bench", coinfer::cli::cmd_bench, "throughput and latency (serve or batched), any model or synthetic:SHAPE"},
+    {"synth", coinfer::cli::cmd_synth, "write a synthetic random-weight model as GGUF"},
 };
 
 void print_usage(std::FILE* out) {

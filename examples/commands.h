@@ -9,5 +9,8 @@ int cmd_gguf(Args& args);
 int cmd_tokenize(Args& args);
 int cmd_generate(Args& args);
 int cmd_perplexity(Args& args);
+int cmd_serve(Args& args);
+int cmd_bench(Args& args);
+int cmd_synth(Args& args);
 
 }  // namespace coinfer::cli

@@ -69,8 +69,10 @@ Engine::Engine(asio::any_io_executor ex, EngineOptions opt) : executor_(std::mov
     Impl& im = *impl_;
     im.opt = std::move(opt);
     im.model = im.opt.loaded ? im.opt.loaded : Model::load(im.opt.model);
-    const std::string device = im.opt.device == "auto" ? "cpu" : im.opt.device;
-    if (device == "cpu") {
+    const std::string device = im.opt.device == "auto" ? (cuda_device_available() ? "cuda" : "cpu") : im.opt.device;
+    if (device == "cuda") {
+        im.backend = make_cuda_backend(im.model, im.opt.backend);
+    } else if (device == "cpu") {
         im.backend = make_cpu_backend(im.model, im.opt.backend);
     } else {
         throw_error("device '{}' is not available in this build (use cpu)", im.opt.device);
@@ -254,9 +256,37 @@ void Engine::Impl::step() {
         }
     }
     const int64_t n_vocab = model->config().n_vocab;
-    std::vector<float> logits(batch.logit_rows.size() * static_cast<size_t>(n_vocab));
+    // On-device sampling when the backend offers it and every row is greedy without logprobs:
+    // only ids come back. Otherwise logits come back and the CPU sampler decides.
+    bool device_sampling = backend->samples_on_device();
+    for (const PlannedSeq& ps : plan.seqs)
+        if (ps.wants_logits) {
+            const Active& a = *active.at(ps.id);
+            device_sampling = device_sampling && a.sampler.is_greedy() && a.req.sampling.n_logprobs == 0;
+        }
+    std::vector<float> logits;
+    std::vector<int32_t> device_ids;
     try {
-        backend->forward(batch, logits);
+        if (device_sampling) {
+            std::vector<DeviceGreedyRow> rows;
+            for (const PlannedSeq& ps : plan.seqs) {
+                if (!ps.wants_logits) continue;
+                const Active& a = *active.at(ps.id);
+                const SamplingParams& sp = a.sampler.params();
+                DeviceGreedyRow r;
+                r.logit_bias = sp.logit_bias;
+                r.penalty_counts = a.sampler.penalty_counts();
+                r.repeat_penalty = sp.repeat_penalty;
+                r.frequency_penalty = sp.frequency_penalty;
+                r.presence_penalty = sp.presence_penalty;
+                rows.push_back(std::move(r));
+            }
+            device_ids.assign(rows.size(), -1);
+            backend->forward_greedy(batch, rows, device_ids);
+        } else {
+            logits.assign(batch.logit_rows.size() * static_cast<size_t>(n_vocab), 0.0f);
+            backend->forward(batch, logits);
+        }
     } catch (const std::exception& e) {
         // A failed pass fails the requests in it, not the engine.
         for (const PlannedSeq& ps : plan.seqs) finish(ps.id, FINISH_REASON_ERROR, EngineErrc::backend_failed, e.what());
@@ -270,6 +300,14 @@ void Engine::Impl::step() {
     for (const PlannedSeq& ps : plan.seqs) {
         if (!ps.wants_logits) continue;
         Active& a = *active.at(ps.id);
+        if (device_sampling) {
+            TokenEvent ev;
+            ev.id = device_ids[row++];
+            if (ev.id >= 0) a.sampler.accept(ev.id);
+            sampled.push_back(ev.id < 0 ? 0 : ev.id);
+            events.push_back(std::move(ev));
+            continue;
+        }
         float* l = &logits[row++ * static_cast<size_t>(n_vocab)];
         TokenEvent ev;
         const int32_t n_lp = a.req.sampling.n_logprobs;

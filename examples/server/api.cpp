@@ -1,0 +1,675 @@
+// The HTTP endpoints of `coinfer serve`: OpenAI's /v1/completions, /v1/chat/completions and
+// /v1/models, plus /health, /metrics, /tokenize, /detokenize and the web page at /.
+//
+// Every request body is checked field by field before anything reaches the engine: a wrong type,
+// a NaN or out-of-range number, or an unknown token id is a 400 naming the field.
+#include <charconv>
+#include <cmath>
+#include <ctime>
+#include <limits>
+#include <random>
+#include <variant>
+
+#include <asio/experimental/as_tuple.hpp>
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "index_html.h"  // generated from server/web/index.html
+#include "server.h"
+
+namespace coinfer::server {
+
+namespace {
+
+using json = nlohmann::json;
+using Clock = std::chrono::steady_clock;
+constexpr auto k_use_tuple = asio::experimental::as_tuple(asio::use_awaitable);
+constexpr int k_max_json_depth = 64;
+constexpr size_t k_max_stops = 16;
+
+// A request we refuse, in OpenAI's error shape.
+struct ApiError {
+    int status;
+    std::string message;
+    std::string param;
+    std::string code;
+};
+
+[[noreturn]] void bad(std::string param, std::string message) {
+    throw ApiError{400, std::move(message), std::move(param), {}};
+}
+
+std::string dump(const json& j) {
+    // Generated text is valid UTF-8 by construction, but never let a stray byte throw here.
+    return j.dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
+std::string error_json(const ApiError& e) {
+    const char* type = "invalid_request_error";
+    if (e.status == 401) type = "authentication_error";
+    else if (e.status == 404) type = "not_found_error";
+    else if (e.status == 429) type = "rate_limit_error";
+    else if (e.status >= 500) type = "server_error";
+    json err = {{"message", e.message},
+                {"type", type},
+                {"param", e.param.empty() ? json(nullptr) : json(e.param)},
+                {"code", e.code.empty() ? json(nullptr) : json(e.code)}};
+    return dump(json{{"error", err}});
+}
+
+// Strict UTF-8 (no overlongs, surrogates or code points past U+10FFFF).
+bool valid_utf8(std::string_view s) {
+    size_t i = 0;
+    while (i < s.size()) {
+        const unsigned char c = static_cast<unsigned char>(s[i]);
+        size_t n = 0;
+        uint32_t cp = 0;
+        if (c < 0x80) {
+            ++i;
+            continue;
+        } else if (c >= 0xC2 && c <= 0xDF) {
+            n = 1, cp = c & 0x1F;
+        } else if (c >= 0xE0 && c <= 0xEF) {
+            n = 2, cp = c & 0x0F;
+        } else if (c >= 0xF0 && c <= 0xF4) {
+            n = 3, cp = c & 0x07;
+        } else {
+            return false;
+        }
+        for (size_t k = 1; k <= n; ++k) {
+            if (i + k >= s.size()) return false;
+            const unsigned char d = static_cast<unsigned char>(s[i + k]);
+            if ((d & 0xC0) != 0x80) return false;
+            cp = (cp << 6) | (d & 0x3F);
+        }
+        if ((n == 2 && cp < 0x800) || (n == 3 && (cp < 0x10000 || cp > 0x10FFFF)) || (cp >= 0xD800 && cp <= 0xDFFF))
+            return false;
+        i += n + 1;
+    }
+    return true;
+}
+
+json parse_body(const std::string& body) {
+    if (body.empty()) bad("", "the request body is empty; send a JSON object");
+    // Depth is limited so that hostile nesting cannot exhaust the stack (nlohmann destroys
+    // values recursively).
+    json::parser_callback_t depth_check = [](int depth, json::parse_event_t, json&) {
+        if (depth > k_max_json_depth) throw ApiError{400, fmt::format("JSON nested deeper than {}", k_max_json_depth), "", {}};
+        return true;
+    };
+    json j;
+    try {
+        j = json::parse(body, depth_check);
+    } catch (const json::exception& e) {
+        bad("", fmt::format("invalid JSON: {}", e.what()));
+    }
+    if (!j.is_object()) bad("", "the request body must be a JSON object");
+    return j;
+}
+
+// A field's value, or nullptr when it is absent or null (OpenAI treats both as "default").
+const json* field(const json& body, const char* name) {
+    auto it = body.find(name);
+    if (it == body.end() || it->is_null()) return nullptr;
+    return &*it;
+}
+
+std::optional<double> opt_number(const json& body, const char* name, double lo, double hi, bool lo_open = false) {
+    const json* f = field(body, name);
+    if (!f) return std::nullopt;
+    if (!f->is_number()) bad(name, fmt::format("'{}' must be a number", name));
+    const double v = f->get<double>();
+    if (!std::isfinite(v) || v < lo || v > hi || (lo_open && v == lo))
+        bad(name, fmt::format("'{}' must be {} {} and at most {} (got {})", name, lo_open ? "above" : "at least", lo,
+                              hi, f->dump()));
+    return v;
+}
+
+std::optional<int64_t> opt_int(const json& body, const char* name, int64_t lo, int64_t hi) {
+    const json* f = field(body, name);
+    if (!f) return std::nullopt;
+    if (!f->is_number_integer()) bad(name, fmt::format("'{}' must be an integer", name));
+    if (f->is_number_unsigned()) {
+        const uint64_t u = f->get<uint64_t>();
+        if (u > static_cast<uint64_t>(hi)) bad(name, fmt::format("'{}' must be at most {} (got {})", name, hi, u));
+        return static_cast<int64_t>(u);
+    }
+    const int64_t v = f->get<int64_t>();
+    if (v < lo || v > hi) bad(name, fmt::format("'{}' must be between {} and {} (got {})", name, lo, hi, v));
+    return v;
+}
+
+std::optional<bool> opt_bool(const json& body, const char* name) {
+    const json* f = field(body, name);
+    if (!f) return std::nullopt;
+    if (!f->is_boolean()) bad(name, fmt::format("'{}' must be true or false", name));
+    return f->get<bool>();
+}
+
+std::optional<std::string> opt_string(const json& body, const char* name) {
+    const json* f = field(body, name);
+    if (!f) return std::nullopt;
+    if (!f->is_string()) bad(name, fmt::format("'{}' must be a string", name));
+    std::string s = f->get<std::string>();
+    if (!valid_utf8(s)) bad(name, fmt::format("'{}' is not valid UTF-8", name));
+    return s;
+}
+
+std::vector<TokenId> token_array(const json& arr, const char* name, int32_t n_vocab) {
+    std::vector<TokenId> ids;
+    ids.reserve(arr.size());
+    for (const json& t : arr) {
+        if (!t.is_number_integer()) bad(name, fmt::format("'{}' must hold token ids (integers)", name));
+        const bool neg = !t.is_number_unsigned() && t.get<int64_t>() < 0;
+        if (neg || t.get<uint64_t>() >= static_cast<uint64_t>(n_vocab))
+            bad(name, fmt::format("token id {} in '{}' is outside the vocabulary (0..{})", t.dump(), name, n_vocab - 1));
+        ids.push_back(static_cast<TokenId>(t.get<int64_t>()));
+    }
+    return ids;
+}
+
+bool is_token_array(const json& j) {
+    if (!j.is_array() || j.empty()) return false;
+    for (const json& t : j)
+        if (!t.is_number()) return false;
+    return true;
+}
+
+std::string random_hex(std::mt19937_64& rng, int n) {
+    std::string s;
+    while (static_cast<int>(s.size()) < n) s += fmt::format("{:016x}", rng());
+    return s.substr(0, static_cast<size_t>(n));
+}
+
+bool constant_time_equal(std::string_view a, std::string_view b) {
+    if (a.size() != b.size()) return false;
+    unsigned diff = 0;  // no early exit: the time does not tell how much of the key matched
+    for (size_t i = 0; i < a.size(); ++i) diff |= static_cast<unsigned char>(a[i]) ^ static_cast<unsigned char>(b[i]);
+    return diff == 0;
+}
+
+// What one generation request asks for, after validation.
+struct GenSpec {
+    Request req;
+    bool chat = false;
+    bool stream = false;
+    bool include_usage = false;
+    int32_t n_logprobs = -1;  // completions: top-n logprobs per token; -1: none
+    bool chat_logprobs = false;
+    int32_t n_chat_top = 0;
+};
+
+}  // namespace
+
+struct Api::Impl {
+    Engine& engine;
+    ChatTemplate chat;
+    Metrics& metrics;
+    ApiOptions opt;
+    std::mt19937_64 rng{std::random_device{}()};
+    const int64_t started = static_cast<int64_t>(std::time(nullptr));
+
+    Impl(Engine& e, ChatTemplate c, Metrics& m, ApiOptions o)
+        : engine(e), chat(std::move(c)), metrics(m), opt(std::move(o)) {}
+
+    const Tokenizer& tokenizer() const { return engine.model().tokenizer(); }
+    int32_t n_vocab() const { return tokenizer().n_vocab(); }
+
+    asio::awaitable<void> handle(Exchange& ex);
+    std::variant<struct Reply, GenSpec> route(const http::Request& r);
+    asio::awaitable<void> generate(Exchange& ex, GenSpec& g);  // g must outlive it
+
+    void parse_sampling(const json& body, GenSpec& g);
+    GenSpec parse_completion(const json& body);
+    GenSpec parse_chat(const json& body);
+    std::string piece(TokenId id) const { return tokenizer().token_to_piece(id, true); }
+};
+
+Api::Api(Engine& engine, ChatTemplate chat, Metrics& metrics, ApiOptions opt)
+    : impl_(std::make_shared<Impl>(engine, std::move(chat), metrics, std::move(opt))) {}
+
+asio::awaitable<void> Api::handle(Exchange& ex) { return impl_->handle(ex); }
+
+// ---- request bodies ----
+
+void Api::Impl::parse_sampling(const json& body, GenSpec& g) {
+    SamplingParams& sp = g.req.sampling;
+    sp.temperature = static_cast<float>(opt_number(body, "temperature", 0, 100).value_or(1.0));
+    sp.top_p = static_cast<float>(opt_number(body, "top_p", 0, 1, true).value_or(1.0));
+    const int64_t top_k = opt_int(body, "top_k", -1, INT32_MAX).value_or(0);
+    sp.top_k = top_k < 0 ? 0 : static_cast<int32_t>(top_k);  // -1 is vLLM's "off"
+    sp.min_p = static_cast<float>(opt_number(body, "min_p", 0, 1).value_or(0.0));
+    sp.presence_penalty = static_cast<float>(opt_number(body, "presence_penalty", -2, 2).value_or(0.0));
+    sp.frequency_penalty = static_cast<float>(opt_number(body, "frequency_penalty", -2, 2).value_or(0.0));
+    sp.repeat_penalty = static_cast<float>(opt_number(body, "repetition_penalty", 0, 10, true).value_or(1.0));
+    if (const json* f = field(body, "seed")) {
+        if (!f->is_number_integer()) bad("seed", "'seed' must be an integer");
+        sp.seed = f->is_number_unsigned() ? f->get<uint64_t>() : static_cast<uint64_t>(f->get<int64_t>());
+    } else {
+        sp.seed = rng();
+    }
+    if (const json* f = field(body, "logit_bias")) {
+        if (!f->is_object()) bad("logit_bias", "'logit_bias' must be an object mapping token ids to biases");
+        for (const auto& [key, val] : f->items()) {
+            int64_t id = -1;
+            auto [p, ec] = std::from_chars(key.data(), key.data() + key.size(), id);
+            if (ec != std::errc() || p != key.data() + key.size() || id < 0 || id >= n_vocab())
+                bad("logit_bias", fmt::format("logit_bias key '{}' is not a token id in 0..{}", key, n_vocab() - 1));
+            if (!val.is_number() || !std::isfinite(val.get<double>()) || std::fabs(val.get<double>()) > 100)
+                bad("logit_bias", fmt::format("logit_bias for token {} must be a number in -100..100", id));
+            sp.logit_bias.emplace_back(static_cast<int32_t>(id), static_cast<float>(val.get<double>()));
+        }
+    }
+    if (const json* f = field(body, "stop")) {
+        if (f->is_string()) {
+            g.req.stop.push_back(f->get<std::string>());
+        } else if (f->is_array()) {
+            if (f->size() > k_max_stops) bad("stop", fmt::format("at most {} stop strings", k_max_stops));
+            for (const json& s : *f) {
+                if (!s.is_string()) bad("stop", "'stop' must be a string or a list of strings");
+                g.req.stop.push_back(s.get<std::string>());
+            }
+        } else {
+            bad("stop", "'stop' must be a string or a list of strings");
+        }
+    }
+    g.req.ignore_eos = opt_bool(body, "ignore_eos").value_or(false);
+    g.stream = opt_bool(body, "stream").value_or(false);
+    if (const json* f = field(body, "stream_options")) {
+        if (!f->is_object()) bad("stream_options", "'stream_options' must be an object");
+        g.include_usage = opt_bool(*f, "include_usage").value_or(false);
+    }
+    if (auto n = opt_int(body, "n", 1, 1000); n && *n != 1) bad("n", "only n = 1 is supported");
+    if (auto n = opt_int(body, "best_of", 1, 1000); n && *n != 1) bad("best_of", "only best_of = 1 is supported");
+    if (opt_bool(body, "echo").value_or(false)) bad("echo", "echo is not supported");
+    try {
+        sp.validate();
+    } catch (const Error& e) {
+        bad("", e.what());
+    }
+}
+
+GenSpec Api::Impl::parse_completion(const json& body) {
+    GenSpec g;
+    const json* p = field(body, "prompt");
+    if (!p) bad("prompt", "'prompt' is required");
+    // A list of one prompt is accepted (that is what many clients send).
+    if (p->is_array() && p->size() == 1 && ((*p)[0].is_string() || (*p)[0].is_array())) p = &(*p)[0];
+    if (p->is_string()) {
+        g.req.prompt = p->get<std::string>();
+        if (!valid_utf8(g.req.prompt)) bad("prompt", "'prompt' is not valid UTF-8");
+    } else if (is_token_array(*p)) {
+        g.req.prompt_ids = token_array(*p, "prompt", n_vocab());
+    } else if (p->is_array() && p->size() > 1 && !is_token_array(*p)) {
+        bad("prompt", "only one prompt per request is supported");
+    } else {
+        bad("prompt", "'prompt' must be a string or a non-empty array of token ids");
+    }
+    g.req.max_tokens = static_cast<int32_t>(opt_int(body, "max_tokens", 1, std::max(opt.n_ctx, 1)).value_or(16));
+    parse_sampling(body, g);
+    if (auto lp = opt_int(body, "logprobs", 0, SamplingParams::k_max_logprobs)) {
+        g.n_logprobs = static_cast<int32_t>(*lp);
+        g.req.sampling.n_logprobs = std::max<int32_t>(1, g.n_logprobs);  // the chosen token's needs n >= 1
+    }
+    return g;
+}
+
+GenSpec Api::Impl::parse_chat(const json& body) {
+    GenSpec g;
+    g.chat = true;
+    const json* m = field(body, "messages");
+    if (!m || !m->is_array() || m->empty()) bad("messages", "'messages' must be a non-empty array");
+    std::vector<ChatMessage> messages;
+    for (const json& msg : *m) {
+        if (!msg.is_object()) bad("messages", "each message must be an object");
+        std::string role = opt_string(msg, "role").value_or("");
+        if (role == "developer") role = "system";
+        if (role != "system" && role != "user" && role != "assistant")
+            bad("messages", fmt::format("message role must be system, user or assistant (got '{}')", role));
+        std::string content;
+        if (const json* c = field(msg, "content")) {
+            if (c->is_string()) {
+                content = c->get<std::string>();
+            } else if (c->is_array()) {
+                for (const json& part : *c) {
+                    if (!part.is_object() || opt_string(part, "type").value_or("") != "text")
+                        bad("messages", "only text content parts are supported");
+                    content += opt_string(part, "text").value_or("");
+                }
+            } else {
+                bad("messages", "message content must be a string or a list of text parts");
+            }
+        }
+        if (!valid_utf8(content)) bad("messages", "message content is not valid UTF-8");
+        messages.push_back({std::move(role), std::move(content)});
+    }
+    std::string prompt;
+    try {
+        prompt = chat.apply(messages, true);
+    } catch (const Error& e) {
+        bad("messages", e.what());
+    }
+    g.req.prompt_ids = tokenizer().encode(prompt, true, true);
+    if (g.req.prompt_ids.empty()) bad("messages", "the rendered prompt is empty");
+    const int64_t room = std::max<int64_t>(1, opt.n_ctx - static_cast<int64_t>(g.req.prompt_ids.size()));
+    auto max_tokens = opt_int(body, "max_completion_tokens", 1, std::max(opt.n_ctx, 1));
+    if (!max_tokens) max_tokens = opt_int(body, "max_tokens", 1, std::max(opt.n_ctx, 1));
+    g.req.max_tokens = static_cast<int32_t>(max_tokens.value_or(room));
+    parse_sampling(body, g);
+    for (auto& s : chat.stop_strings()) g.req.stop.push_back(s);
+    g.chat_logprobs = opt_bool(body, "logprobs").value_or(false);
+    if (auto n = opt_int(body, "top_logprobs", 0, SamplingParams::k_max_logprobs)) {
+        if (!g.chat_logprobs) bad("top_logprobs", "'top_logprobs' needs 'logprobs': true");
+        g.n_chat_top = static_cast<int32_t>(*n);
+    }
+    if (g.chat_logprobs) g.req.sampling.n_logprobs = std::max<int32_t>(1, g.n_chat_top);
+    return g;
+}
+
+// ---- generation ----
+
+namespace {
+
+const char* finish_name(FinishReason r) { return r == FINISH_REASON_LENGTH ? "length" : "stop"; }
+
+json usage_json(int64_t n_prompt, int64_t n_gen) {
+    return {{"prompt_tokens", n_prompt}, {"completion_tokens", n_gen}, {"total_tokens", n_prompt + n_gen}};
+}
+
+std::string sse(const json& j) { return "data: " + dump(j) + "\n\n"; }
+
+std::string whole_response(const std::string& id, bool chat, int64_t created, const std::string& model, json choice,
+                           json usage) {
+    json j = json::object();
+    j["id"] = id;
+    j["object"] = chat ? "chat.completion" : "text_completion";
+    j["created"] = created;
+    j["model"] = model;
+    j["choices"] = json::array({std::move(choice)});
+    j["usage"] = std::move(usage);
+    return dump(j);
+}
+
+}  // namespace
+
+asio::awaitable<void> Api::Impl::generate(Exchange& ex, GenSpec& g) {
+    std::optional<TokenStream> stream;
+    std::optional<ApiError> refused;
+    try {
+        stream.emplace(engine.generate(g.req));
+    } catch (const EngineError& e) {
+        if (e.code() == EngineErrc::queue_full) refused = ApiError{429, e.what(), "", "queue_full"};
+        else refused = ApiError{503, e.what(), "", "engine_unavailable"};
+    } catch (const Error& e) {
+        refused = ApiError{400, e.what(), "", {}};
+    }
+    if (refused) {
+        const std::string body = error_json(*refused);
+        co_await ex.respond(refused->status, "application/json", body);
+        co_return;
+    }
+    if (ex.peer_closed()) {
+        stream->cancel();
+        metrics.count_finish("cancelled");
+        co_return;
+    }
+    TokenStream* s = &*stream;
+    ex.on_peer_closed([s] { s->cancel(); });
+
+    const std::string id = (g.chat ? "chatcmpl-" : "cmpl-") + random_hex(rng, 24);
+    const int64_t created = static_cast<int64_t>(std::time(nullptr));
+    const int64_t n_prompt = static_cast<int64_t>(stream->prompt_ids().size());
+    const std::string object = g.chat ? "chat.completion.chunk" : "text_completion";
+    const bool want_lp = g.n_logprobs >= 0 || g.chat_logprobs;
+
+    auto chunk = [&](json choice) {
+        json j = {{"id", id}, {"object", object}, {"created", created}, {"model", opt.model_name}};
+        j["choices"] = json::array({std::move(choice)});
+        if (g.include_usage) j["usage"] = nullptr;
+        return j;
+    };
+    // The logprobs of one token, in the endpoint's shape.
+    size_t text_offset = 0;
+    auto completion_lp = [&](const TokenEvent& ev, json& lp) {
+        lp["tokens"].push_back(piece(ev.id));
+        lp["token_logprobs"].push_back(ev.logprob ? json(*ev.logprob) : json(nullptr));
+        json top = json::object();
+        for (size_t k = 0; k < ev.top_logprobs.size() && static_cast<int32_t>(k) < g.n_logprobs; ++k)
+            top[piece(ev.top_logprobs[k].id)] = ev.top_logprobs[k].logprob;
+        lp["top_logprobs"].push_back(std::move(top));
+        lp["text_offset"].push_back(text_offset);
+    };
+    auto chat_lp = [&](const TokenEvent& ev) {
+        auto entry = [&](TokenId tid, float logprob) {
+            std::string p = piece(tid);
+            json bytes = json::array();
+            for (char c : p) bytes.push_back(static_cast<unsigned char>(c));
+            return json{{"token", p}, {"logprob", logprob}, {"bytes", std::move(bytes)}};
+        };
+        json e = entry(ev.id, ev.logprob.value_or(0.0f));
+        e["top_logprobs"] = json::array();
+        for (size_t k = 0; k < ev.top_logprobs.size() && static_cast<int32_t>(k) < g.n_chat_top; ++k)
+            e["top_logprobs"].push_back(entry(ev.top_logprobs[k].id, ev.top_logprobs[k].logprob));
+        return e;
+    };
+
+    bool ok = true;
+    if (g.stream) {
+        ok = co_await ex.stream_begin(200, "text/event-stream");
+        if (ok && g.chat) {
+            // (Built before the co_await: GCC 12 cannot keep brace-init temporaries across it.)
+            json first = json::object();
+            first["index"] = 0;
+            first["delta"] = json{{"role", "assistant"}, {"content", ""}};
+            first["logprobs"] = nullptr;
+            first["finish_reason"] = nullptr;
+            const std::string out = sse(chunk(std::move(first)));
+            ok = co_await ex.stream_write(out);
+        }
+    }
+    std::string text;
+    json lp_all = g.chat ? json{{"content", json::array()}} : json::object();
+    int64_t n_gen = 0;
+    auto last = ex.received_at();
+    std::error_code error;
+    while (ok && !ex.peer_closed()) {
+        auto [ec, ev] = co_await stream->async_next(k_use_tuple);
+        if (ec) {
+            error = ec;
+            break;
+        }
+        if (!ev) break;
+        const auto now = Clock::now();
+        const double dt = std::chrono::duration<double>(now - last).count();
+        if (n_gen == 0) metrics.observe_ttft(dt);
+        else metrics.observe_itl(dt);
+        last = now;
+        ++n_gen;
+        if (g.stream) {
+            if (ev->text.empty() && !want_lp) continue;  // held back (a partial character or stop string)
+            json choice;
+            if (g.chat) {
+                choice = {{"index", 0}, {"delta", {{"content", ev->text}}}, {"logprobs", nullptr}, {"finish_reason", nullptr}};
+                if (g.chat_logprobs) choice["logprobs"] = {{"content", json::array({chat_lp(*ev)})}};
+            } else {
+                choice = {{"text", ev->text}, {"index", 0}, {"logprobs", nullptr}, {"finish_reason", nullptr}};
+                if (g.n_logprobs >= 0) {
+                    json lp = json::object();
+                    completion_lp(*ev, lp);
+                    choice["logprobs"] = std::move(lp);
+                }
+            }
+            text_offset += ev->text.size();
+            const std::string out = sse(chunk(std::move(choice)));
+            ok = co_await ex.stream_write(out);
+        } else {
+            if (g.chat_logprobs) lp_all["content"].push_back(chat_lp(*ev));
+            else if (g.n_logprobs >= 0) completion_lp(*ev, lp_all);
+            text_offset += ev->text.size();
+            text += ev->text;
+        }
+    }
+    ex.on_peer_closed(nullptr);
+    const FinishReason reason = stream->finish_reason();
+    if (!ok || ex.peer_closed() || error == asio::error::operation_aborted || reason == FINISH_REASON_CANCELLED) {
+        // The client went away: the request is cancelled (its blocks free at the next step).
+        stream->cancel();
+        metrics.count_finish("cancelled");
+        metrics.add_tokens(n_prompt, n_gen);
+        co_return;
+    }
+    if (error) {
+        ApiError e{500, stream->error_message().empty() ? error.message() : stream->error_message(), "", {}};
+        if (error == EngineErrc::too_long) e.status = 400, e.code = "context_length_exceeded";
+        else if (error == EngineErrc::stopped) e.status = 503, e.code = "engine_stopped";
+        metrics.count_finish("error");
+        const std::string body = error_json(e);
+        if (g.stream) {
+            const std::string out = "data: " + body + "\n\ndata: [DONE]\n\n";
+            if (co_await ex.stream_write(out)) co_await ex.stream_end();
+        } else {
+            co_await ex.respond(e.status, "application/json", body);
+        }
+        co_return;
+    }
+    metrics.count_finish(finish_name(reason));
+    metrics.add_tokens(n_prompt, n_gen);
+    json usage = usage_json(n_prompt, n_gen);
+    if (g.stream) {
+        json last_choice = g.chat ? json{{"index", 0}, {"delta", json::object()}, {"logprobs", nullptr},
+                                         {"finish_reason", finish_name(reason)}}
+                                  : json{{"text", ""}, {"index", 0}, {"logprobs", nullptr},
+                                         {"finish_reason", finish_name(reason)}};
+        std::string out = sse(chunk(std::move(last_choice)));
+        if (g.include_usage) {
+            json u = {{"id", id}, {"object", object}, {"created", created}, {"model", opt.model_name},
+                      {"choices", json::array()}, {"usage", usage}};
+            out += sse(u);
+        }
+        out += "data: [DONE]\n\n";
+        if (co_await ex.stream_write(out)) co_await ex.stream_end();
+        co_return;
+    }
+    json choice;
+    if (g.chat) {
+        choice = {{"index", 0},
+                  {"message", {{"role", "assistant"}, {"content", text}}},
+                  {"logprobs", g.chat_logprobs ? lp_all : json(nullptr)},
+                  {"finish_reason", finish_name(reason)}};
+    } else {
+        choice = {{"text", text},
+                  {"index", 0},
+                  {"logprobs", g.n_logprobs >= 0 ? lp_all : json(nullptr)},
+                  {"finish_reason", finish_name(reason)}};
+    }
+    const std::string out = whole_response(id, g.chat, created, opt.model_name, std::move(choice), std::move(usage));
+    co_await ex.respond(200, "application/json", out);
+}
+
+// ---- routing ----
+
+// A whole reply, decided without suspending (GCC 12 coroutines and brace-init temporaries
+// do not mix, so handle() only co_awaits plain strings).
+struct Reply {
+    int status = 200;
+    std::string content_type = "application/json";
+    std::string body;
+    std::string extra_headers;
+};
+
+std::variant<Reply, GenSpec> Api::Impl::route(const http::Request& r) {
+    struct Route {
+        const char* path;
+        const char* method;
+        bool open;  // served without the API key
+    };
+    static const Route k_routes[] = {
+        {"/", "GET", true},
+        {"/health", "GET", true},
+        {"/metrics", "GET", true},
+        {"/v1/models", "GET", false},
+        {"/v1/completions", "POST", false},
+        {"/v1/chat/completions", "POST", false},
+        {"/tokenize", "POST", false},
+        {"/detokenize", "POST", false},
+    };
+    const Route* route = nullptr;
+    for (const Route& rt : k_routes)
+        if (r.path == rt.path) route = &rt;
+    Reply reply;
+    try {
+        if (!route) throw ApiError{404, fmt::format("no such endpoint: {} {}", r.method, r.path), "", "not_found"};
+        if (r.method != route->method) {
+            reply.extra_headers = fmt::format("Allow: {}\r\n", route->method);
+            throw ApiError{405, fmt::format("{} does not accept {} (use {})", r.path, r.method, route->method), "",
+                           "method_not_allowed"};
+        }
+        if (!route->open && opt.api_key) {
+            auto auth = r.header("authorization");
+            const std::string expected = "Bearer " + *opt.api_key;
+            if (!auth || !constant_time_equal(*auth, expected))
+                throw ApiError{401, "invalid or missing API key (send 'Authorization: Bearer KEY')", "",
+                               "invalid_api_key"};
+        }
+        const std::string_view path = r.path;
+        if (path == "/") {
+            reply.content_type = "text/html; charset=utf-8";
+            reply.body.assign(reinterpret_cast<const char*>(k_index_html), k_index_html_size);
+            return reply;
+        }
+        if (path == "/health") {
+            reply.body = R"({"status":"ok"})";
+            return reply;
+        }
+        if (path == "/metrics") {
+            reply.content_type = "text/plain; version=0.0.4; charset=utf-8";
+            reply.body = metrics.render(engine.stats());
+            return reply;
+        }
+        if (path == "/v1/models") {
+            json m = {{"id", opt.model_name},
+                      {"object", "model"},
+                      {"created", started},
+                      {"owned_by", "coinfer"},
+                      {"max_model_len", opt.n_ctx}};
+            reply.body = dump(json{{"object", "list"}, {"data", json::array({m})}});
+            return reply;
+        }
+        const json body = parse_body(r.body);
+        if (path == "/tokenize") {
+            std::optional<std::string> text = opt_string(body, "content");
+            if (!text) text = opt_string(body, "prompt");
+            if (!text) bad("content", "'content' (a string) is required");
+            const bool add_special = opt_bool(body, "add_special").value_or(true);
+            reply.body = dump(json{{"tokens", tokenizer().encode(*text, add_special, true)}});
+            return reply;
+        }
+        if (path == "/detokenize") {
+            const json* t = field(body, "tokens");
+            if (!t || !t->is_array()) bad("tokens", "'tokens' must be an array of token ids");
+            auto ids = token_array(*t, "tokens", n_vocab());
+            reply.body = dump(json{{"content", tokenizer().decode(ids)}});
+            return reply;
+        }
+        return path == "/v1/completions" ? parse_completion(body) : parse_chat(body);
+    } catch (const ApiError& e) {
+        reply.status = e.status;
+        reply.body = error_json(e);
+    } catch (const Error& e) {  // e.g. from the tokenizer
+        reply.status = 400;
+        reply.body = error_json(ApiError{400, e.what(), "", {}});
+    }
+    return reply;
+}
+
+asio::awaitable<void> Api::Impl::handle(Exchange& ex) {
+    auto routed = route(ex.request());
+    if (auto* reply = std::get_if<Reply>(&routed)) {
+        co_await ex.respond(reply->status, reply->content_type, reply->body, reply->extra_headers);
+        co_return;
+    }
+    GenSpec spec = std::move(std::get<GenSpec>(routed));
+    co_await generate(ex, spec);
+}
+
+}  // namespace coinfer::server

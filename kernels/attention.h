@@ -1,0 +1,34 @@
+#pragma once
+// Paged attention over the KV cache, for decode and prefill alike: every query token attends to
+// positions 0..pos of its own sequence through that sequence's block table.
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace coinfer::kernels {
+
+struct AttentionParams {
+    int32_t n_head, n_head_kv, head_dim;  // head_dim <= 256
+    int32_t block_size;                   // tokens per KV block
+    float scale;                          // 1/sqrt(head_dim)
+    bool kv_f16;
+};
+
+// Positions per split (flash-decoding): a token's context is cut into splits of this many
+// positions, each reduced by its own CUDA block, then merged.
+inline constexpr int32_t k_attention_split = 256;
+
+// Scratch floats needed for n_tokens tokens whose largest context is max_ctx.
+size_t attention_scratch_floats(const AttentionParams& p, int64_t n_tokens, int64_t max_ctx);
+
+//   q:   [n_tokens, n_head * head_dim] (rotated)
+//   out: [n_tokens, n_head * head_dim]
+//   positions[t], seq[t]: token t sees positions 0..positions[t] of sequence seq[t]
+//   block_tables: [n_seqs, table_stride] block ids
+//   k_cache, v_cache: [n_slots, n_head_kv * head_dim]
+void paged_attention(const AttentionParams& p, const float* q, const void* k_cache, const void* v_cache,
+                     const int32_t* positions, const int32_t* seq, const int32_t* block_tables, int32_t table_stride,
+                     int64_t n_tokens, int64_t max_ctx, float* scratch, float* out, cudaStream_t stream);
+
+}  // namespace coinfer::kernels

@@ -1,0 +1,31 @@
+#pragma once
+// CUDA_CHECK / CUBLAS_CHECK: every runtime and cuBLAS call goes through these. A failure throws
+// std::runtime_error naming file:line, the call and the error name, so the engine can fail the
+// step (or start-up) with a message a person can act on.
+#include <stdexcept>
+#include <string>
+
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+
+namespace coinfer::kernels {
+
+[[noreturn]] inline void cuda_fail(const char* what, const char* name, const char* msg, const char* file, int line) {
+    throw std::runtime_error(std::string(file) + ":" + std::to_string(line) + ": " + what + " failed: " + name +
+                             (msg ? std::string(" (") + msg + ")" : std::string()));
+}
+
+inline void cuda_check(cudaError_t e, const char* what, const char* file, int line) {
+    if (e != cudaSuccess) cuda_fail(what, cudaGetErrorName(e), cudaGetErrorString(e), file, line);
+}
+
+inline void cublas_check(cublasStatus_t s, const char* what, const char* file, int line) {
+    if (s != CUBLAS_STATUS_SUCCESS) cuda_fail(what, cublasGetStatusName(s), cublasGetStatusString(s), file, line);
+}
+
+}  // namespace coinfer::kernels
+
+#define CUDA_CHECK(call) ::coinfer::kernels::cuda_check((call), #call, __FILE__, __LINE__)
+#define CUBLAS_CHECK(call) ::coinfer::kernels::cublas_check((call), #call, __FILE__, __LINE__)
+// After a kernel launch: launch-configuration errors surface here.
+#define CUDA_CHECK_LAUNCH() ::coinfer::kernels::cuda_check(cudaGetLastError(), "kernel launch", __FILE__, __LINE__)

@@ -1,0 +1,31 @@
+#pragma once
+// Matrix products with weights kept in their file format (ggml type ids, see quant_dev.cuh),
+// and row dequantization (the embedding gather).
+#include <cstddef>
+#include <cstdint>
+
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+
+namespace coinfer::kernels {
+
+struct MatmulContext {
+    cublasHandle_t cublas = nullptr;
+    float* scratch = nullptr;       // dequantized weight tile for the cuBLAS path
+    size_t scratch_floats = 0;
+    int64_t gemm_min_rows = 1 << 30;  // n_rows at or above this go through dequantize + cuBLAS SGEMM
+};
+
+// y[r][o] = dot(W row o, x[r]).  w: n_out rows of row_bytes each (n_in elements of `type`);
+// x: [n_rows, n_in] F32; y: [n_rows, n_out] F32. Below gemm_min_rows a GEMV kernel reads the
+// quantized blocks directly; its per-row sums do not depend on n_rows (batch invariance).
+void matmul(const MatmulContext& ctx, int type, const void* w, size_t row_bytes, int64_t n_in, int64_t n_out,
+            const float* x, int64_t n_rows, float* y, cudaStream_t stream);
+
+// y[r] = dequantized row ids[r] of w (ids == nullptr: row r).  y: [n_rows, n_in] F32.
+void dequantize_rows(int type, const void* w, size_t row_bytes, int64_t n_in, const int32_t* ids, int64_t n_rows,
+                     float* y, cudaStream_t stream);
+
+bool weight_type_is_supported(int type);
+
+}  // namespace coinfer::kernels

@@ -1,0 +1,24 @@
+#pragma once
+// Bias, RoPE and the paged KV write, fused: what happens to Q/K/V between their projections and
+// attention.
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace coinfer::kernels {
+
+struct RopeParams {
+    int32_t n_head, n_head_kv, head_dim, n_rot;
+    bool neox;              // NEOX rotates (i, i + n_rot/2), NORM rotates (2i, 2i+1)
+    const float* inv_freq;  // [n_rot / 2]: theta_i = pos * inv_freq[i]
+};
+
+// For each token t: q[t] += bq, k[t] += bk, v[t] += bv (when the biases are given); rotate q[t]
+// and k[t] by positions[t]; write k[t], v[t] to cache slot slots[t] of k_cache / v_cache.
+//   q: [n_tokens, n_head * head_dim]  k, v: [n_tokens, n_head_kv * head_dim]
+//   k_cache, v_cache: [n_slots, n_head_kv * head_dim] of F16 (kv_f16) or F32
+void rope_kv_write(const RopeParams& p, float* q, float* k, float* v, const float* bq, const float* bk, const float* bv,
+                   const int32_t* positions, const int32_t* slots, int64_t n_tokens, void* k_cache, void* v_cache,
+                   bool kv_f16, cudaStream_t stream);
+
+}  // namespace coinfer::kernels

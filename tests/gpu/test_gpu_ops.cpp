@@ -1,0 +1,474 @@
+// The op-test table of the CUDA kernels (ggml test-backend-ops style): one case per op x type x
+// shape, fresh random inputs every run, outputs poisoned with NaN before each launch, and the
+// normalised mean squared error against a CPU reference checked against the case's bound.
+//
+//   test_gpu_ops [test|perf] [filter]
+// test: every case once, PASS/FAIL per case, exit 1 on any failure. perf: times each case and
+// prints GB/s against the device's peak. Exits 77 (meson's "skipped") without a CUDA device.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <thread>
+#include <memory>
+
+#include <fmt/format.h>
+#include <string>
+#include <vector>
+
+#include <cuda_fp16.h>
+
+#include "engine/quant.h"
+#include "kernels/attention.h"
+#include "kernels/cuda_check.h"
+#include "kernels/elementwise.h"
+#include "kernels/matmul.h"
+#include "kernels/norm.h"
+#include "kernels/rope.h"
+#include "kernels/sample.h"
+
+using namespace coinfer;
+namespace kn = coinfer::kernels;
+
+namespace {
+
+std::mt19937_64 rng{std::random_device{}()};
+
+std::vector<float> randn(size_t n, float sd = 1.0f) {
+    std::normal_distribution<float> d(0.0f, sd);
+    std::vector<float> v(n);
+    for (auto& x : v) x = d(rng);
+    return v;
+}
+
+double nmse(const std::vector<float>& got, const std::vector<float>& want) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < want.size(); ++i) {
+        const double d = double(got[i]) - double(want[i]);
+        num += d * d;
+        den += double(want[i]) * double(want[i]);
+    }
+    if (!std::isfinite(num)) return INFINITY;
+    return den > 0 ? num / den : num;
+}
+
+// Device buffer helpers.
+template <typename T>
+struct Dev {
+    T* p = nullptr;
+    size_t n = 0;
+    explicit Dev(size_t count) : n(count) { CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&p), std::max<size_t>(1, n) * sizeof(T))); }
+    Dev(const std::vector<T>& v) : Dev(v.size()) { CUDA_CHECK(cudaMemcpy(p, v.data(), n * sizeof(T), cudaMemcpyHostToDevice)); }
+    ~Dev() { cudaFree(p); }
+    Dev(const Dev&) = delete;
+    void poison() { CUDA_CHECK(cudaMemset(p, 0xff, n * sizeof(T))); }  // NaN for floats
+    std::vector<T> get() const {
+        std::vector<T> v(n);
+        CUDA_CHECK(cudaMemcpy(v.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost));
+        return v;
+    }
+};
+
+struct Result {
+    double err = 0;      // NMSE (or a count of mismatches for exact ops)
+    double bytes = 0;    // bytes one launch must move
+    double flops = 0;
+};
+
+struct Case {
+    std::string name;
+    double bound;  // NMSE pass mark
+    // Builds inputs, runs the GPU op once (and `reps` more times under the timer when perf > 0),
+    // returns the error against the CPU. `launch` is set to re-run the op for timing.
+    std::function<Result(std::function<void()>& launch)> run;
+};
+
+// Random weights in `type`: quantized from N(0, 0.05) where a quantizer exists, else random
+// blocks with sane scales.
+std::vector<uint8_t> random_weights(GgmlType type, int64_t n_in, int64_t n_out) {
+    const size_t rb = quant_row_bytes(type, n_in);
+    std::vector<uint8_t> w(rb * size_t(n_out));
+    if (quantize_supported(type)) {
+        for (int64_t o = 0; o < n_out; ++o) {
+            auto row = randn(size_t(n_in), 0.05f);
+            quantize_row(type, row.data(), w.data() + size_t(o) * rb, n_in);
+        }
+        return w;
+    }
+    std::uniform_int_distribution<int> byte(0, 255);
+    for (auto& b : w) b = uint8_t(byte(rng));
+    // K-quant super-blocks: f16 scale fields set to small finite values.
+    struct Fmt { GgmlType t; int bytes; int d_off[2]; };
+    const Fmt fmts[] = {{GGML_TYPE_Q2_K, 84, {80, 82}}, {GGML_TYPE_Q3_K, 110, {108, -1}},
+                        {GGML_TYPE_Q5_K, 176, {0, 2}}, {GGML_TYPE_Q6_K, 210, {208, -1}}};
+    std::uniform_real_distribution<float> sc(0.0005f, 0.004f);
+    for (const Fmt& f : fmts) {
+        if (f.t != type) continue;
+        for (size_t b = 0; b + size_t(f.bytes) <= w.size(); b += size_t(f.bytes))
+            for (int k = 0; k < 2; ++k)
+                if (f.d_off[k] >= 0) {
+                    const uint16_t h = fp32_to_fp16(sc(rng));
+                    std::memcpy(&w[b + size_t(f.d_off[k])], &h, 2);
+                }
+    }
+    return w;
+}
+
+std::vector<Case> make_cases(int n_threads) {
+    std::vector<Case> cases;
+    const GgmlType all_types[] = {GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_BF16, GGML_TYPE_Q8_0, GGML_TYPE_Q4_0,
+                                  GGML_TYPE_Q4_1, GGML_TYPE_Q5_0, GGML_TYPE_Q5_1, GGML_TYPE_Q2_K, GGML_TYPE_Q3_K,
+                                  GGML_TYPE_Q4_K, GGML_TYPE_Q5_K, GGML_TYPE_Q6_K};
+    static kn::MatmulContext* mm = [] {
+        auto* c = new kn::MatmulContext;
+        CUBLAS_CHECK(cublasCreate(&c->cublas));
+        c->scratch_floats = size_t(64) << 20;
+        CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&c->scratch), c->scratch_floats * sizeof(float)));
+        c->gemm_min_rows = 257;
+        return c;
+    }();
+
+    // ---- matmul: type x (n_in, n_out) x n_rows ----
+    struct Shape { int64_t n_in, n_out; std::vector<int64_t> rows; bool all_types; };
+    const Shape shapes[] = {
+        {64, 172, {1, 3, 8, 64}, false},      // stories260K ffn_gate (F32 only: 64 is not a K-quant multiple)
+        {172, 64, {1, 5}, false},             // stories260K ffn_down (tail chunk)
+        {256, 768, {1, 8, 64, 300}, true},    // quant-base ffn
+        {768, 256, {1, 16}, true},
+        {2048, 5632, {1, 8, 64, 300}, true},  // TinyLlama ffn_gate
+        {5632, 2048, {1, 256}, true},         // TinyLlama ffn_down
+        {4096, 4096, {1, 32}, true},          // Llama-2-7B attn_q
+        {4096, 11008, {1}, true},             // Llama-2-7B ffn_gate
+        {14336, 4096, {1}, false},            // Mistral ffn_down
+    };
+    for (const Shape& s : shapes) {
+        for (GgmlType type : all_types) {
+            const bool k_quant = quant_block_size(type) == 256;
+            if (!s.all_types && type != GGML_TYPE_F32 && !(s.n_in == 14336 && (type == GGML_TYPE_F16 || type == GGML_TYPE_Q4_0 || type == GGML_TYPE_Q4_K)))
+                continue;
+            if (k_quant && s.n_in % 256) continue;
+            if (s.n_in % quant_block_size(type)) continue;
+            for (int64_t rows : s.rows) {
+                const double bound = 1e-7;
+                cases.push_back({fmt::format("matmul type={} n_in={} n_out={} rows={}", ggml_type_name(type), s.n_in,
+                                             s.n_out, rows),
+                                 bound, [=](std::function<void()>& launch) {
+                                     auto w = random_weights(type, s.n_in, s.n_out);
+                                     auto x = randn(size_t(rows * s.n_in));
+                                     std::vector<float> want(size_t(rows * s.n_out));
+                                     matmul(type, w.data(), s.n_in, s.n_out, x.data(), rows, want.data(), n_threads);
+                                     auto dw = std::make_shared<Dev<uint8_t>>(w);
+                                     auto dx = std::make_shared<Dev<float>>(x);
+                                     auto dy = std::make_shared<Dev<float>>(want.size());
+                                     dy->poison();
+                                     const size_t rb = quant_row_bytes(type, s.n_in);
+                                     launch = [=] {
+                                         kn::matmul(*mm, int(type), dw->p, rb, s.n_in, s.n_out, dx->p, rows, dy->p, nullptr);
+                                     };
+                                     launch();
+                                     CUDA_CHECK(cudaDeviceSynchronize());
+                                     return Result{nmse(dy->get(), want), double(w.size() + 4 * (x.size() + want.size())),
+                                                   2.0 * double(rows) * double(s.n_in) * double(s.n_out)};
+                                 }});
+            }
+        }
+    }
+
+    // ---- get_rows: dequantization is bit-exact (bound 0) ----
+    for (GgmlType type : all_types) {
+        const int64_t n_in = 4096, n_vocab = 1024, n = 37;
+        cases.push_back({fmt::format("get_rows type={} n_embd={} rows={}", ggml_type_name(type), n_in, n), 0.0,
+                         [=](std::function<void()>& launch) {
+                             auto w = random_weights(type, n_in, n_vocab);
+                             const size_t rb = quant_row_bytes(type, n_in);
+                             std::vector<int32_t> ids(n);
+                             for (auto& i : ids) i = int32_t(rng() % n_vocab);
+                             std::vector<float> want(size_t(n * n_in));
+                             for (int64_t r = 0; r < n; ++r)
+                                 dequantize_row(type, w.data() + size_t(ids[r]) * rb, &want[size_t(r * n_in)], n_in);
+                             auto dw = std::make_shared<Dev<uint8_t>>(w);
+                             auto di = std::make_shared<Dev<int32_t>>(ids);
+                             auto dy = std::make_shared<Dev<float>>(want.size());
+                             dy->poison();
+                             launch = [=] { kn::dequantize_rows(int(type), dw->p, rb, n_in, di->p, n, dy->p, nullptr); };
+                             launch();
+                             auto got = dy->get();
+                             double bad = 0;
+                             for (size_t i = 0; i < got.size(); ++i) bad += std::memcmp(&got[i], &want[i], 4) != 0;
+                             return Result{bad, double(n * rb + want.size() * 4), 0};
+                         }});
+    }
+
+    // ---- rms_norm with the residual add ----
+    for (int64_t d : {64, 256, 2048, 4096}) {
+        for (int64_t n : {1, 7, 256}) {
+            cases.push_back({fmt::format("add_rms_norm n_embd={} rows={}", d, n), 1e-7, [=](std::function<void()>& launch) {
+                                 auto x = randn(size_t(n * d)), dx = randn(size_t(n * d)), w = randn(size_t(d));
+                                 std::vector<float> want(x.size()), xs(x.size());
+                                 for (int64_t r = 0; r < n; ++r) {
+                                     double sum = 0;
+                                     for (int64_t i = 0; i < d; ++i) {
+                                         xs[r * d + i] = x[r * d + i] + dx[r * d + i];
+                                         sum += double(xs[r * d + i] * xs[r * d + i]);
+                                     }
+                                     const float sc = 1.0f / std::sqrt(float(sum / double(d)) + 1e-5f);
+                                     for (int64_t i = 0; i < d; ++i) want[r * d + i] = xs[r * d + i] * sc * w[i];
+                                 }
+                                 auto dxv = std::make_shared<Dev<float>>(x);
+                                 auto ddx = std::make_shared<Dev<float>>(dx);
+                                 auto dw = std::make_shared<Dev<float>>(w);
+                                 auto dy = std::make_shared<Dev<float>>(want.size());
+                                 dy->poison();
+                                 // write_x off so that timing repeats see the same input.
+                                 launch = [=] { kn::rms_norm(dxv->p, ddx->p, nullptr, false, dw->p, dy->p, n, d, 1e-5f, nullptr); };
+                                 launch();
+                                 return Result{nmse(dy->get(), want), double(12 * n * d), 0};
+                             }});
+        }
+    }
+
+    // ---- swiglu ----
+    for (int64_t n : {172, 11008 * 64}) {
+        cases.push_back({fmt::format("swiglu n={}", n), 1e-7, [=](std::function<void()>& launch) {
+                             auto g = randn(size_t(n), 3.0f), u = randn(size_t(n));
+                             std::vector<float> want(static_cast<size_t>(n));
+                             for (int64_t i = 0; i < n; ++i) want[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+                             auto dg = std::make_shared<Dev<float>>(g);
+                             auto du = std::make_shared<Dev<float>>(u);
+                             launch = [=] { kn::swiglu(dg->p, du->p, n, nullptr); };
+                             launch();
+                             return Result{nmse(dg->get(), want), double(12 * n), 0};
+                         }});
+    }
+
+    // ---- rope + KV write, and paged attention over the written cache ----
+    struct AttnShape { int n_head, n_kv, hd, n_rot; bool neox; std::vector<int> ctx; int n_tok; bool f16; };
+    const AttnShape attn_shapes[] = {
+        {8, 4, 8, 8, false, {1, 5, 40}, 3, true},              // stories260K
+        {4, 2, 64, 64, false, {1, 17, 300}, 4, false},          // quant-base, F32 KV
+        {32, 4, 64, 64, false, {1, 100, 1000}, 4, true},        // TinyLlama (GQA 8)
+        {32, 8, 128, 128, true, {1, 513, 4096}, 2, true},       // Llama-3 / qwen-like NEOX (GQA 4)
+        {32, 32, 128, 128, false, {1, 512}, 64, true},          // Llama-2-7B, decode batch of 64
+        {32, 32, 128, 128, false, {4096}, 8, true},             // Llama-2-7B, long contexts
+        {32, 32, 128, 128, false, {256}, 64, true},             // prefill-sized chunk
+    };
+    for (const AttnShape& a : attn_shapes) {
+        for (int max_ctx : a.ctx) {
+            cases.push_back({fmt::format("rope_kv+attention heads={}/{} hd={} {} kv={} ctx<={} tokens={}", a.n_head, a.n_kv,
+                                         a.hd, a.neox ? "neox" : "norm", a.f16 ? "f16" : "f32", max_ctx, a.n_tok),
+                             1e-7, [=](std::function<void()>& launch) {
+                const int bs = 16, n_tok = a.n_tok;
+                const int64_t n_q = int64_t(a.n_head) * a.hd, n_kvd = int64_t(a.n_kv) * a.hd;
+                // Token t belongs to sequence t, attends to positions 0..pos_t; earlier positions are
+                // already in the cache (random), pos_t itself comes from this batch's k/v.
+                std::vector<int32_t> pos(static_cast<size_t>(n_tok)), seq(static_cast<size_t>(n_tok)), slot(static_cast<size_t>(n_tok));
+                const int max_blocks = (max_ctx + bs - 1) / bs;
+                std::vector<int32_t> tables(size_t(n_tok * max_blocks));
+                std::vector<int32_t> perm(size_t(n_tok * max_blocks));
+                for (size_t i = 0; i < perm.size(); ++i) perm[i] = int32_t(i);
+                std::shuffle(perm.begin(), perm.end(), rng);
+                for (int t = 0; t < n_tok; ++t) {
+                    pos[t] = t == 0 ? max_ctx - 1 : int32_t(rng() % uint64_t(max_ctx));
+                    seq[t] = t;
+                    for (int b = 0; b < max_blocks; ++b) tables[size_t(t * max_blocks + b)] = perm[size_t(t * max_blocks + b)];
+                    slot[t] = tables[size_t(t * max_blocks + pos[t] / bs)] * bs + pos[t] % bs;
+                }
+                const int64_t n_slots = int64_t(perm.size()) * bs;
+                auto round_kv = [&](float v) { return a.f16 ? fp16_to_fp32(fp32_to_fp16(v)) : v; };
+                auto kc = randn(size_t(n_slots * n_kvd)), vc = randn(size_t(n_slots * n_kvd));
+                for (auto& v : kc) v = round_kv(v);
+                for (auto& v : vc) v = round_kv(v);
+                auto q = randn(size_t(n_tok * n_q)), k = randn(size_t(n_tok * n_kvd)), v = randn(size_t(n_tok * n_kvd));
+                std::vector<float> inv(size_t(a.n_rot / 2));
+                const float ts = std::pow(10000.0f, -2.0f / float(a.n_rot));
+                float tt = 1.0f;
+                for (auto& f : inv) { f = tt; tt *= ts; }
+                // CPU: rope, write, attention (the CPU backend's math).
+                auto rope = [&](float* x, int nh, int p) {
+                    const int half = a.n_rot / 2;
+                    for (int h = 0; h < nh; ++h)
+                        for (int i = 0; i < half; ++i) {
+                            const float th = float(p) * inv[size_t(i)], cs = std::cos(th), sn = std::sin(th);
+                            float* hv = x + h * a.hd;
+                            const int ia = a.neox ? i : 2 * i, ib = a.neox ? i + half : 2 * i + 1;
+                            const float x0 = hv[ia], x1 = hv[ib];
+                            hv[ia] = x0 * cs - x1 * sn;
+                            hv[ib] = x0 * sn + x1 * cs;
+                        }
+                };
+                std::vector<float> qr = q, kr = k, kc2 = kc, vc2 = vc;
+                for (int t = 0; t < n_tok; ++t) {
+                    rope(&qr[size_t(t * n_q)], a.n_head, pos[t]);
+                    rope(&kr[size_t(t * n_kvd)], a.n_kv, pos[t]);
+                    for (int64_t i = 0; i < n_kvd; ++i) {
+                        kc2[size_t(slot[t] * n_kvd + i)] = round_kv(kr[size_t(t * n_kvd + i)]);
+                        vc2[size_t(slot[t] * n_kvd + i)] = round_kv(v[size_t(t * n_kvd + i)]);
+                    }
+                }
+                std::vector<float> want(size_t(n_tok * n_q));
+                const float scale = 1.0f / std::sqrt(float(a.hd));
+                for (int t = 0; t < n_tok; ++t) {
+                    std::vector<float> sc(size_t(pos[t] + 1));
+                    for (int h = 0; h < a.n_head; ++h) {
+                        const int kvh = h / (a.n_head / a.n_kv);
+                        float mx = -INFINITY;
+                        for (int p = 0; p <= pos[t]; ++p) {
+                            const int64_t s = tables[size_t(t * max_blocks + p / bs)] * bs + p % bs;
+                            float dot = 0;
+                            for (int i = 0; i < a.hd; ++i) dot += qr[size_t(t * n_q + h * a.hd + i)] * kc2[size_t(s * n_kvd + kvh * a.hd + i)];
+                            sc[size_t(p)] = dot * scale;
+                            mx = std::max(mx, sc[size_t(p)]);
+                        }
+                        double sum = 0;
+                        for (auto& e : sc) { e = std::exp(e - mx); sum += e; }
+                        for (int p = 0; p <= pos[t]; ++p) {
+                            const int64_t s = tables[size_t(t * max_blocks + p / bs)] * bs + p % bs;
+                            for (int i = 0; i < a.hd; ++i)
+                                want[size_t(t * n_q + h * a.hd + i)] += float(sc[size_t(p)] / sum) * vc2[size_t(s * n_kvd + kvh * a.hd + i)];
+                        }
+                    }
+                }
+                // GPU.
+                std::vector<uint16_t> kh, vh;
+                auto dq = std::make_shared<Dev<float>>(q);
+                auto dk = std::make_shared<Dev<float>>(k);
+                auto dv = std::make_shared<Dev<float>>(v);
+                std::shared_ptr<void> dkc, dvc;
+                void *pk = nullptr, *pv = nullptr;
+                if (a.f16) {
+                    std::vector<uint16_t> a16(kc.size()), b16(vc.size());
+                    for (size_t i = 0; i < kc.size(); ++i) { a16[i] = fp32_to_fp16(kc[i]); b16[i] = fp32_to_fp16(vc[i]); }
+                    auto x = std::make_shared<Dev<uint16_t>>(a16), y = std::make_shared<Dev<uint16_t>>(b16);
+                    pk = x->p; pv = y->p; dkc = x; dvc = y;
+                } else {
+                    auto x = std::make_shared<Dev<float>>(kc), y = std::make_shared<Dev<float>>(vc);
+                    pk = x->p; pv = y->p; dkc = x; dvc = y;
+                }
+                auto dpos = std::make_shared<Dev<int32_t>>(pos);
+                auto dseq = std::make_shared<Dev<int32_t>>(seq);
+                auto dslot = std::make_shared<Dev<int32_t>>(slot);
+                auto dtab = std::make_shared<Dev<int32_t>>(tables);
+                auto dinv = std::make_shared<Dev<float>>(inv);
+                const kn::AttentionParams ap{a.n_head, a.n_kv, a.hd, bs, scale, a.f16};
+                auto dpart = std::make_shared<Dev<float>>(kn::attention_scratch_floats(ap, n_tok, max_ctx));
+                auto dout = std::make_shared<Dev<float>>(want.size());
+                dout->poison();
+                const kn::RopeParams rp{a.n_head, a.n_kv, a.hd, a.n_rot, a.neox, dinv->p};
+                kn::rope_kv_write(rp, dq->p, dk->p, dv->p, nullptr, nullptr, nullptr, dpos->p, dslot->p, n_tok, pk, pv, a.f16, nullptr);
+                auto qgot = dq->get();
+                launch = [=, keep = std::make_pair(dkc, dvc)] {
+                    kn::paged_attention(ap, dq->p, pk, pv, dpos->p, dseq->p, dtab->p, max_blocks, n_tok, max_ctx, dpart->p, dout->p, nullptr);
+                };
+                launch();
+                auto got = dout->get();
+                const double e = std::max(nmse(qgot, qr), nmse(got, want));
+                double ctx_sum = 0;
+                for (int t = 0; t < n_tok; ++t) ctx_sum += pos[t] + 1;
+                return Result{e, ctx_sum * double(n_kvd) * 2 * (a.f16 ? 2 : 4), 4 * ctx_sum * double(n_q)};
+            }});
+        }
+    }
+
+    // ---- greedy sampling: exact ids (bound 0 mismatches) ----
+    for (int64_t n_vocab : {512, 32000, 128256}) {
+        cases.push_back({fmt::format("sample_greedy n_vocab={} rows=64", n_vocab), 0.0, [=](std::function<void()>& launch) {
+                             const int64_t rows = 64;
+                             auto l = randn(size_t(rows * n_vocab));
+                             // Ties and NaN: row 1 has a tie at the max, row 2 a NaN at 0.
+                             l[size_t(1 * n_vocab + 10)] = 50.0f;
+                             l[size_t(1 * n_vocab + 3)] = 50.0f;
+                             l[size_t(2 * n_vocab)] = NAN;
+                             std::vector<int32_t> want(static_cast<size_t>(rows));
+                             for (int64_t r = 0; r < rows; ++r) {
+                                 int32_t b = -1;
+                                 for (int64_t i = 0; i < n_vocab; ++i) {
+                                     const float v = l[size_t(r * n_vocab + i)];
+                                     if (v == v && (b < 0 || v > l[size_t(r * n_vocab + b)])) b = int32_t(i);
+                                 }
+                                 want[size_t(r)] = b;
+                             }
+                             auto dl = std::make_shared<Dev<float>>(l);
+                             auto dids = std::make_shared<Dev<int32_t>>(size_t(rows));
+                             dids->poison();
+                             launch = [=] {
+                                 kn::sample_greedy(dl->p, rows, n_vocab, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
+                                                   nullptr, dids->p, nullptr);
+                             };
+                             launch();
+                             auto got = dids->get();
+                             double bad = 0;
+                             for (int64_t r = 0; r < rows; ++r) bad += got[size_t(r)] != want[size_t(r)];
+                             return Result{bad, double(rows * n_vocab * 4), 0};
+                         }});
+    }
+    return cases;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    std::setvbuf(stdout, nullptr, _IOLBF, 0);  // line by line, so a killed run still shows its progress
+    const std::string mode = argc > 1 ? argv[1] : "test";
+    const std::string filter = argc > 2 ? argv[2] : "";
+    if (mode != "test" && mode != "perf") {
+        std::fprintf(stderr, "usage: test_gpu_ops [test|perf] [filter]\n");
+        return 2;
+    }
+    int n_dev = 0;
+    if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) {
+        std::printf("SKIP: no CUDA device: GPU op tests not run\n");
+        return 77;
+    }
+    cudaDeviceProp prop{};
+    CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+    int mem_clock_khz = 0, bus_bits = 0;
+    cudaDeviceGetAttribute(&mem_clock_khz, cudaDevAttrMemoryClockRate, 0);
+    cudaDeviceGetAttribute(&bus_bits, cudaDevAttrGlobalMemoryBusWidth, 0);
+    const double peak_gbs = 2.0 * mem_clock_khz * 1e3 * (bus_bits / 8) / 1e9;
+    std::printf("device: %s, %d SMs, peak memory bandwidth %.0f GB/s\n", prop.name, prop.multiProcessorCount, peak_gbs);
+
+    const int n_threads = std::max(1u, std::thread::hardware_concurrency());
+    auto cases = make_cases(n_threads);
+    int n_pass = 0, n_fail = 0, n_run = 0;
+    for (auto& c : cases) {
+        if (!filter.empty() && c.name.find(filter) == std::string::npos) continue;
+        ++n_run;
+        std::function<void()> launch;
+        Result r;
+        try {
+            r = c.run(launch);
+            CUDA_CHECK(cudaDeviceSynchronize());
+        } catch (const std::exception& e) {
+            std::printf("FAIL  %-70s  error: %s\n", c.name.c_str(), e.what());
+            ++n_fail;
+            continue;
+        }
+        const bool ok = r.err <= c.bound;
+        (ok ? n_pass : n_fail)++;
+        if (mode == "test") {
+            std::printf("%s  %-70s  nmse=%.3g (bound %.0g)\n", ok ? "PASS" : "FAIL", c.name.c_str(), r.err, c.bound);
+        } else {
+            cudaEvent_t a, b;
+            CUDA_CHECK(cudaEventCreate(&a));
+            CUDA_CHECK(cudaEventCreate(&b));
+            for (int i = 0; i < 3; ++i) launch();
+            const int reps = 20;
+            CUDA_CHECK(cudaEventRecord(a));
+            for (int i = 0; i < reps; ++i) launch();
+            CUDA_CHECK(cudaEventRecord(b));
+            CUDA_CHECK(cudaEventSynchronize(b));
+            float ms = 0;
+            CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
+            const double us = ms * 1e3 / reps;
+            std::printf("%s  %-70s  %9.1f us  %7.1f GB/s (%4.1f%% of peak)  %8.2f TFLOP/s\n", ok ? "ok  " : "FAIL",
+                        c.name.c_str(), us, r.bytes / us / 1e3, 100.0 * r.bytes / us / 1e3 / peak_gbs, r.flops / us / 1e6);
+            cudaEventDestroy(a);
+            cudaEventDestroy(b);
+        }
+    }
+    std::printf("%d/%d cases passed\n", n_pass, n_run);
+    return n_fail ? 1 : 0;
+}

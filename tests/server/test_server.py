@@ -1,0 +1,561 @@
+"""`coinfer serve` from the outside: endpoints, SSE format, errors, hostile input and load.
+
+usage: test_server.py PATH/TO/coinfer
+Starts `coinfer serve -m stories260K.gguf --port 0 --device cpu` (python3 stdlib only) and always
+kills it at the end. Exit 77 (skip) when the model file is missing.
+"""
+import http.client
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+COINFER = sys.argv[1]
+HERE = os.path.dirname(os.path.abspath(__file__))
+MODELS = os.environ.get("COINFER_TEST_MODELS") or os.path.join(HERE, "..", "..", "..", "shared", "models")
+STORIES = os.path.join(MODELS, "stories260K.gguf")
+
+failures = []
+passed = 0
+
+
+def check(name, cond, detail=""):
+    global passed
+    if cond:
+        passed += 1
+    else:
+        failures.append(f"{name}: {detail}")
+        print(f"FAIL {name}: {detail}", flush=True)
+
+
+class Server:
+    def __init__(self, *extra):
+        self.proc = subprocess.Popen([COINFER, "serve", "-m", STORIES, "--port", "0", "--device", "cpu", *extra],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        m = re.match(r"coinfer serve: listening on http://([\d.]+):(\d+)", line)
+        if not m:
+            self.stop()
+            raise RuntimeError(f"server did not start: {line!r} {self.proc.stderr.read()!r}")
+        self.host, self.port = m.group(1), int(m.group(2))
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def conn(self, timeout=60):
+        return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+
+    def request(self, method, path, body=None, headers=None, timeout=60):
+        c = self.conn(timeout)
+        try:
+            if isinstance(body, (dict, list)):
+                body = json.dumps(body)
+            c.request(method, path, body=body, headers=headers or {})
+            r = c.getresponse()
+            data = r.read()
+            return r.status, dict(r.getheaders()), data
+        finally:
+            c.close()
+
+    def json(self, path, body, headers=None):
+        status, hdrs, data = self.request("POST", path, body, headers)
+        try:
+            return status, json.loads(data)
+        except ValueError:
+            return status, {"raw": data}
+
+    def stream(self, path, body):
+        """POSTs with stream: true; returns (status, [parsed data objects], saw_done)."""
+        c = self.conn()
+        try:
+            c.request("POST", path, body=json.dumps(body))
+            r = c.getresponse()
+            if r.status != 200:
+                return r.status, [json.loads(r.read())], False
+            events, done = [], False
+            for raw in r:
+                line = raw.decode().rstrip("\r\n")
+                if not line:
+                    continue
+                assert line.startswith("data: "), line
+                payload = line[6:]
+                if payload == "[DONE]":
+                    done = True
+                    continue
+                events.append(json.loads(payload))
+            return r.status, events, done
+        finally:
+            c.close()
+
+    def metrics(self):
+        status, _, data = self.request("GET", "/metrics")
+        out = {}
+        for line in data.decode().splitlines():
+            if line and not line.startswith("#"):
+                k, v = line.rsplit(" ", 1)
+                out[k] = float(v)
+        return out
+
+    def healthy(self):
+        try:
+            return self.request("GET", "/health", timeout=10)[0] == 200
+        except OSError:
+            return False
+
+
+def is_error(obj, status_name=None):
+    e = obj.get("error") if isinstance(obj, dict) else None
+    return isinstance(e, dict) and all(k in e for k in ("message", "type", "param", "code"))
+
+
+def raw_exchange(srv, data, timeout=10, read_until_close=True):
+    s = socket.create_connection((srv.host, srv.port), timeout=timeout)
+    try:
+        s.sendall(data)
+        out = b""
+        while True:
+            try:
+                b = s.recv(65536)
+            except socket.timeout:
+                break
+            if not b:
+                break
+            out += b
+            if not read_until_close and b"\r\n\r\n" in out:
+                break
+        return out
+    finally:
+        s.close()
+
+
+def status_of(raw):
+    m = re.match(rb"HTTP/1\.1 (\d{3}) ", raw)
+    return int(m.group(1)) if m else None
+
+
+# ---------------------------------------------------------------- the tests
+
+def test_basics(srv):
+    st, _, body = srv.request("GET", "/health")
+    check("health", st == 200 and json.loads(body)["status"] == "ok", body)
+    st, _, body = srv.request("GET", "/v1/models")
+    models = json.loads(body)
+    check("models", st == 200 and models["object"] == "list" and models["data"][0]["id"] == "stories260K.gguf", body)
+    st, hdrs, body = srv.request("GET", "/")
+    check("index page", st == 200 and hdrs.get("Content-Type", "").startswith("text/html") and b"<" in body, hdrs)
+    m = srv.metrics()
+    for name in ("coinfer_requests_running", "coinfer_requests_waiting", "coinfer_kv_blocks_used",
+                 "coinfer_kv_blocks_free", "coinfer_kv_blocks_cached", "coinfer_prefix_cache_hit_tokens_total",
+                 "coinfer_preemptions_total", "coinfer_batch_size", "coinfer_prompt_tokens_total",
+                 "coinfer_generation_tokens_total", "coinfer_time_to_first_token_seconds_count",
+                 "coinfer_inter_token_latency_seconds_count"):
+        check(f"metric {name}", name in m, sorted(m)[:5])
+
+
+def test_tokenize(srv):
+    st, t = srv.json("/tokenize", {"content": "Once upon a time"})
+    check("tokenize", st == 200 and t["tokens"][0] == 1 and len(t["tokens"]) > 2, t)
+    st, t2 = srv.json("/tokenize", {"content": "Once upon a time", "add_special": False})
+    check("tokenize add_special false", st == 200 and t2["tokens"] == t["tokens"][1:], t2)
+    st, d = srv.json("/detokenize", {"tokens": t["tokens"]})
+    check("detokenize", st == 200 and d["content"] == "Once upon a time", d)
+    st, d = srv.json("/detokenize", {"tokens": [1, 99999]})
+    check("detokenize bad id", st == 400 and is_error(d), d)
+    return t["tokens"]
+
+
+def test_completions(srv, prompt_ids):
+    body = {"prompt": "Once upon a time", "max_tokens": 24, "temperature": 0}
+    st, r = srv.json("/v1/completions", body)
+    ok = st == 200 and r["object"] == "text_completion" and r["id"].startswith("cmpl-")
+    check("completion", ok and r["choices"][0]["finish_reason"] in ("length", "stop") and r["choices"][0]["text"], r)
+    text = r["choices"][0]["text"]
+    u = r["usage"]
+    check("completion usage", u["prompt_tokens"] == len(prompt_ids) and u["completion_tokens"] == 24
+          and u["total_tokens"] == u["prompt_tokens"] + 24, u)
+    # Same as `coinfer generate` (greedy).
+    g = subprocess.run([COINFER, "generate", "-m", STORIES, "-p", "Once upon a time", "-n", "24", "--temp", "0",
+                        "--json"], capture_output=True, text=True, timeout=60)
+    if g.returncode == 0:
+        check("completion equals coinfer generate", json.loads(g.stdout)["text"] == text, (g.stdout, text))
+    # Token-array prompt, and a list of one prompt.
+    st, r2 = srv.json("/v1/completions", dict(body, prompt=prompt_ids))
+    check("token array prompt", st == 200 and r2["choices"][0]["text"] == text, r2)
+    st, r3 = srv.json("/v1/completions", dict(body, prompt=["Once upon a time"]))
+    check("list of one prompt", st == 200 and r3["choices"][0]["text"] == text, r3)
+    # Streaming concatenates to the same text; usage when asked.
+    st, events, done = srv.stream("/v1/completions", dict(body, stream=True, stream_options={"include_usage": True}))
+    chunks = [e for e in events if e.get("choices")]
+    joined = "".join(e["choices"][0]["text"] for e in chunks)
+    check("stream equals non-stream", st == 200 and done and joined == text, (joined, text))
+    check("stream chunk shape", all(e["object"] == "text_completion" and e["id"] == events[0]["id"] for e in events)
+          and chunks[-1]["choices"][0]["finish_reason"] == "length", events[-2:])
+    check("stream usage chunk", events[-1]["choices"] == [] and events[-1]["usage"] == u, events[-1])
+    # Stop strings are cut out.
+    words = text.split()
+    stop = " " + words[3] if len(words) > 3 else "e"
+    st, r4 = srv.json("/v1/completions", dict(body, stop=[stop]))
+    check("stop string", st == 200 and r4["choices"][0]["finish_reason"] == "stop"
+          and r4["choices"][0]["text"] == text[:text.index(stop)], (r4, stop))
+    # Logprobs.
+    st, r5 = srv.json("/v1/completions", dict(body, max_tokens=6, logprobs=3))
+    lp = r5["choices"][0]["logprobs"] if st == 200 else None
+    check("logprobs", lp and len(lp["tokens"]) == 6 and len(lp["token_logprobs"]) == 6
+          and all(len(t) == 3 for t in lp["top_logprobs"]) and lp["text_offset"][0] == 0
+          and all(v <= 0 for v in lp["token_logprobs"]), r5)
+    # Sampling with a seed is reproducible; every sampling field is accepted.
+    sb = dict(body, temperature=0.9, top_p=0.9, top_k=40, min_p=0.05, seed=1234, presence_penalty=0.5,
+              frequency_penalty=0.5, repetition_penalty=1.1, logit_bias={"5": -100}, ignore_eos=True, n=1)
+    a = srv.json("/v1/completions", sb)
+    b = srv.json("/v1/completions", sb)
+    check("seeded sampling", a[0] == 200 and a[1]["choices"][0]["text"] == b[1]["choices"][0]["text"], (a, b))
+    # logit_bias +100 forces a token.
+    st, r6 = srv.json("/v1/completions", dict(body, max_tokens=4, logit_bias={"300": 100}, logprobs=0))
+    check("logit_bias", st == 200 and r6["usage"]["completion_tokens"] == 4, r6)
+    return text
+
+
+def test_chat(srv):
+    body = {"messages": [{"role": "system", "content": "Be nice."}, {"role": "user", "content": "Tell a story."}],
+            "max_tokens": 16, "temperature": 0}
+    st, r = srv.json("/v1/chat/completions", body)
+    ok = st == 200 and r["object"] == "chat.completion" and r["id"].startswith("chatcmpl-")
+    msg = r["choices"][0]["message"] if ok else {}
+    check("chat", ok and msg.get("role") == "assistant" and isinstance(msg.get("content"), str), r)
+    st, events, done = srv.stream("/v1/chat/completions", dict(body, stream=True, stream_options={"include_usage": True}))
+    chunks = [e for e in events if e.get("choices")]
+    check("chat stream first delta has role", chunks and chunks[0]["choices"][0]["delta"].get("role") == "assistant",
+          chunks[:1])
+    joined = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    check("chat stream equals non-stream", done and joined == msg.get("content"), (joined, msg))
+    check("chat stream object", all(e["object"] == "chat.completion.chunk" for e in events), events[:1])
+    check("chat stream finish", chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+          and chunks[-1]["choices"][0]["delta"] == {}, chunks[-1])
+    check("chat stream usage", events[-1]["usage"] == r["usage"], (events[-1], r["usage"]))
+    st, r2 = srv.json("/v1/chat/completions", dict(body, logprobs=True, top_logprobs=2, max_tokens=3))
+    c = r2["choices"][0]["logprobs"]["content"] if st == 200 else []
+    check("chat logprobs", len(c) == 3 and all(len(x["top_logprobs"]) == 2 for x in c), r2)
+    st, r3 = srv.json("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+                                               "max_tokens": 2})
+    check("chat content parts", st == 200, r3)
+
+
+def test_errors(srv):
+    P = "/v1/completions"
+    cases = [
+        ("invalid json", b'{"prompt": "x",', 400),
+        ("not an object", b'[1,2]', 400),
+        ("empty body", b'', 400),
+        ("prompt wrong type", {"prompt": 5}, 400),
+        ("prompt missing", {"max_tokens": 3}, 400),
+        ("max_tokens string", {"prompt": "x", "max_tokens": "5"}, 400),
+        ("max_tokens negative", {"prompt": "x", "max_tokens": -1}, 400),
+        ("max_tokens zero", {"prompt": "x", "max_tokens": 0}, 400),
+        ("max_tokens huge", {"prompt": "x", "max_tokens": 10**30}, 400),
+        ("max_tokens float", {"prompt": "x", "max_tokens": 5.5}, 400),
+        ("temperature NaN", b'{"prompt": "x", "temperature": NaN}', 400),
+        ("temperature huge", b'{"prompt": "x", "temperature": 1e400}', 400),
+        ("temperature negative", {"prompt": "x", "temperature": -1}, 400),
+        ("top_p zero", {"prompt": "x", "top_p": 0}, 400),
+        ("top_p bool", {"prompt": "x", "top_p": True}, 400),
+        ("seed float", {"prompt": "x", "seed": 1.5}, 400),
+        ("n = 2", {"prompt": "x", "n": 2}, 400),
+        ("logprobs 21", {"prompt": "x", "logprobs": 21}, 400),
+        ("logit_bias bad id", {"prompt": "x", "logit_bias": {"100000": 1}}, 400),
+        ("logit_bias bad key", {"prompt": "x", "logit_bias": {"abc": 1}}, 400),
+        ("logit_bias huge value", {"prompt": "x", "logit_bias": {"5": 1e9}}, 400),
+        ("stop wrong type", {"prompt": "x", "stop": 5}, 400),
+        ("token id out of range", {"prompt": [1, 5, 100000]}, 400),
+        ("negative token id", {"prompt": [1, -5]}, 400),
+        ("two prompts", {"prompt": ["a", "b"]}, 400),
+        ("invalid UTF-8 prompt", b'{"prompt": "abc\xff\xfe", "max_tokens": 2}', 400),
+        ("lone surrogate prompt", b'{"prompt": "abc\\ud800", "max_tokens": 2}', 400),
+        ("deep nesting", b'{"prompt": ' + b'[' * 100000 + b']' * 100000 + b'}', 400),
+        ("context exceeded", {"prompt": "x", "max_tokens": 2048}, 400),
+        ("stream wrong type", {"prompt": "x", "stream": "yes"}, 400),
+    ]
+    for name, body, want in cases:
+        st, r = srv.json(P, body)
+        check(f"error: {name}", st == want and is_error(r), (st, r))
+    st, r = srv.json("/v1/chat/completions", {"messages": []})
+    check("error: chat empty messages", st == 400 and is_error(r), r)
+    st, r = srv.json("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]})
+    check("error: chat bad role", st == 400 and is_error(r), r)
+    st, r = srv.json("/v1/chat/completions", {"messages": [{"role": "user", "content": 7}]})
+    check("error: chat bad content", st == 400 and is_error(r), r)
+    st, _, body = srv.request("GET", "/nope")
+    check("404", st == 404 and is_error(json.loads(body)), body)
+    st, hdrs, body = srv.request("GET", "/v1/completions")
+    check("405", st == 405 and is_error(json.loads(body)) and hdrs.get("Allow") == "POST", (st, hdrs))
+    st, _, body = srv.request("DELETE", "/health")
+    check("405 delete", st == 405, st)
+    check("still healthy after errors", srv.healthy())
+
+
+def test_hostile_http(srv):
+    # A 10 MB body is refused with 413 (the client may still be sending when we answer).
+    big = b"x" * (10 * 1024 * 1024)
+    req = (b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+           b"Content-Length: %d\r\n\r\n" % len(big)) + big
+    raw = raw_exchange(srv, req, timeout=20)
+    check("10 MB body -> 413", status_of(raw) == 413 and b'"error"' in raw, raw[:200])
+    raw = raw_exchange(srv, b"POST /tokenize HTTP/1.1\r\nHost: t\r\nContent-Length: 99999999999\r\n\r\n")
+    check("huge Content-Length -> 413", status_of(raw) == 413, raw[:100])
+    # Headers that never finish: the connection is closed after --timeout-s (2 s here).
+    s = socket.create_connection((srv.host, srv.port), timeout=15)
+    t0 = time.time()
+    s.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\nX-Slow: ")
+    try:
+        got = s.recv(1024)
+    except (socket.timeout, ConnectionResetError):
+        got = None
+    dt = time.time() - t0
+    s.close()
+    check("unfinished headers closed after timeout", got is not None and status_of(got) in (None, 408)
+          and 1.5 <= dt <= 8, (got, dt))
+    # A slowloris that trickles header bytes is closed too.
+    s = socket.create_connection((srv.host, srv.port), timeout=15)
+    t0 = time.time()
+    closed = False
+    try:
+        s.sendall(b"GET /health HTTP/1.1\r\n")
+        for _ in range(12):
+            time.sleep(0.5)
+            s.sendall(b"X-A: b\r\n")
+    except OSError:
+        closed = True
+    if not closed:
+        try:
+            closed = s.recv(1024) == b""
+        except OSError:
+            closed = True
+    s.close()
+    check("slowloris closed", closed and time.time() - t0 < 9, time.time() - t0)
+    # Malformed requests get 400 and a close.
+    for name, data, want in [
+        ("bare LF", b"GET /health HTTP/1.1\nHost: t\n\n", 400),
+        ("no Host", b"GET /health HTTP/1.1\r\n\r\n", 400),
+        ("bad version", b"GET /health HTTP/2.0\r\nHost: t\r\n\r\n", 505),
+        ("garbage", b"\x00\x01\x02 hello\r\n\r\n", 400),
+        ("header folding", b"GET /health HTTP/1.1\r\nHost: t\r\n folded\r\n\r\n", 400),
+        ("chunked", b"POST /tokenize HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 501),
+        ("two lengths", b"POST /tokenize HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", 400),
+        ("huge header", b"GET /health HTTP/1.1\r\nHost: t\r\nX: " + b"a" * 20000 + b"\r\n\r\n", 431),
+    ]:
+        raw = raw_exchange(srv, data)
+        check(f"malformed: {name}", status_of(raw) == want, raw[:120])
+    # HTTP/1.0 without keep-alive gets an answer and a close.
+    raw = raw_exchange(srv, b"GET /health HTTP/1.0\r\n\r\n")
+    check("HTTP/1.0", status_of(raw) == 200 and raw.endswith(b'{"status":"ok"}'), raw)
+    check("still healthy after hostile HTTP", srv.healthy())
+
+
+def read_responses(sock, n, timeout=60):
+    """Reads n Content-Length framed responses from sock; returns [(status, body)]."""
+    sock.settimeout(timeout)
+    buf = b""
+    out = []
+    while len(out) < n:
+        while b"\r\n\r\n" not in buf:
+            b = sock.recv(65536)
+            if not b:
+                return out
+            buf += b
+        head, rest = buf.split(b"\r\n\r\n", 1)
+        m = re.search(rb"\r\nContent-Length: (\d+)", head)
+        length = int(m.group(1)) if m else 0
+        while len(rest) < length:
+            b = sock.recv(65536)
+            if not b:
+                return out
+            rest += b
+        out.append((status_of(head), rest[:length]))
+        buf = rest[length:]
+    return out
+
+
+def test_pipelining(srv):
+    n = 1000
+    reqs = []
+    for i in range(n):
+        if i % 2:
+            body = json.dumps({"content": f"story {i}", "add_special": False}).encode()
+            reqs.append(b"POST /tokenize HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        else:
+            reqs.append(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+    s = socket.create_connection((srv.host, srv.port), timeout=60)
+    sender = threading.Thread(target=lambda: s.sendall(b"".join(reqs)))
+    sender.start()
+    t0 = time.time()
+    resp = read_responses(s, n)
+    sender.join()
+    s.close()
+    ok = len(resp) == n
+    for i, (st, body) in enumerate(resp):
+        if st != 200:
+            ok = False
+            break
+        if i % 2 == 0 and json.loads(body) != {"status": "ok"}:
+            ok = False
+            break
+    # In order: the odd answers must be the tokenization of their own text.
+    st, d = srv.json("/detokenize", {"tokens": json.loads(resp[999][1])["tokens"]}) if ok else (0, {})
+    ok = ok and d.get("content", "").strip() == "story 999"
+    st, d = srv.json("/detokenize", {"tokens": json.loads(resp[501][1])["tokens"]}) if ok else (0, {})
+    ok = ok and d.get("content", "").strip() == "story 501"
+    check("1000 pipelined requests answered in order", ok, (len(resp), time.time() - t0))
+
+
+def test_concurrent_streams(srv, n=200, max_tokens=32):
+    prompts = ["Once upon a time", "The little dog", "Lily and Ben", "One day, a bird"]
+    expected = {}
+    for p in prompts:
+        st, r = srv.json("/v1/completions", {"prompt": p, "max_tokens": max_tokens, "temperature": 0})
+        expected[p] = r["choices"][0]["text"]
+    results = [None] * n
+
+    def client(i):
+        p = prompts[i % len(prompts)]
+        try:
+            st, events, done = srv.stream("/v1/completions", {"prompt": p, "max_tokens": max_tokens, "temperature": 0,
+                                                             "stream": True})
+            text = "".join(e["choices"][0]["text"] for e in events if e.get("choices"))
+            results[i] = st == 200 and done and text == expected[p]
+        except Exception as e:  # noqa: BLE001 - reported as a failure
+            results[i] = repr(e)
+
+    t0 = time.time()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    dt = time.time() - t0
+    bad = [(i, r) for i, r in enumerate(results) if r is not True]
+    check(f"{n} concurrent streaming clients", not bad and dt < 120, (len(bad), bad[:3], dt))
+    print(f"  {n} streams of {max_tokens} tokens in {dt:.1f}s", flush=True)
+
+
+def test_disconnects(srv, n=100):
+    body = json.dumps({"prompt": "Once upon a time", "max_tokens": 1500, "temperature": 0.8, "ignore_eos": True,
+                       "stream": True}).encode()
+    req = b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    got = [False] * n
+
+    def client(i):
+        try:
+            s = socket.create_connection((srv.host, srv.port), timeout=60)
+            s.sendall(req)
+            buf = b""
+            while buf.count(b"data: ") < 3:
+                b = s.recv(4096)
+                if not b:
+                    break
+                buf += b
+            got[i] = buf.count(b"data: ") >= 3
+            s.close()  # mid-stream
+        except OSError:
+            pass
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    check(f"{n} clients got tokens before disconnecting", all(got), got.count(False))
+    deadline = time.time() + 10
+    m = {}
+    while time.time() < deadline:
+        m = srv.metrics()
+        if m["coinfer_requests_running"] == 0 and m["coinfer_requests_waiting"] == 0 and m["coinfer_kv_blocks_used"] == 0:
+            break
+        time.sleep(0.1)
+    check("after disconnects: 0 running, 0 waiting, every KV block free",
+          m.get("coinfer_requests_running") == 0 and m.get("coinfer_requests_waiting") == 0
+          and m.get("coinfer_kv_blocks_used") == 0 and m.get("coinfer_kv_blocks_free") == m.get("coinfer_kv_blocks_total"),
+          {k: v for k, v in m.items() if "running" in k or "waiting" in k or "kv_blocks" in k})
+    cancelled = m.get('coinfer_request_finish_total{reason="cancelled"}', 0)
+    check("disconnected requests counted as cancelled", cancelled >= n, cancelled)
+    gen = m.get("coinfer_engine_generated_tokens_total", 0)
+    time.sleep(0.5)
+    check("nothing generates after the disconnects", srv.metrics().get("coinfer_engine_generated_tokens_total") == gen)
+    check("still healthy after disconnects", srv.healthy())
+
+
+def test_api_key():
+    srv = Server("--api-key", "sekret", "--max-waiting", "1")
+    try:
+        st, r = srv.json("/v1/completions", {"prompt": "x", "max_tokens": 2})
+        check("401 without key", st == 401 and is_error(r), r)
+        st, r = srv.json("/v1/completions", {"prompt": "x", "max_tokens": 2}, {"Authorization": "Bearer wrong"})
+        check("401 wrong key", st == 401 and is_error(r), r)
+        st, r = srv.json("/v1/completions", {"prompt": "x", "max_tokens": 2}, {"Authorization": "Bearer sekret"})
+        check("200 with key", st == 200, r)
+        check("health open without key", srv.healthy())
+        # --max-waiting 1: a burst gets 200s and (usually) some 429s, never anything else.
+        statuses = []
+
+        def client():
+            st, r = srv.json("/v1/completions", {"prompt": "Once", "max_tokens": 8},
+                             {"Authorization": "Bearer sekret"})
+            statuses.append((st, is_error(r) if st != 200 else True))
+
+        threads = [threading.Thread(target=client) for _ in range(40)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        check("burst: only 200 and 429 (in OpenAI's shape)",
+              len(statuses) == 40 and all(s in (200, 429) and ok for s, ok in statuses), statuses)
+        print(f"  burst with --max-waiting 1: {sum(1 for s, _ in statuses if s == 429)} of 40 got 429", flush=True)
+    finally:
+        srv.stop()
+
+
+def test_bad_start():
+    r = subprocess.run([COINFER, "serve", "-m", STORIES, "--port", "0", "--chat-template", "nonesuch"],
+                       capture_output=True, text=True, timeout=30)
+    check("unknown chat template fails at start", r.returncode != 0 and "nonesuch" in r.stderr, r.stderr)
+
+
+def main():
+    if not os.path.exists(STORIES):
+        print(f"SKIP: {STORIES} not found (set COINFER_TEST_MODELS)")
+        return 77
+    srv = Server("--timeout-s", "2")
+    try:
+        test_basics(srv)
+        ids = test_tokenize(srv)
+        test_completions(srv, ids)
+        test_chat(srv)
+        test_errors(srv)
+        test_hostile_http(srv)
+        test_pipelining(srv)
+        test_concurrent_streams(srv)
+        test_disconnects(srv)
+        check("server still running", srv.proc.poll() is None, srv.proc.poll())
+    finally:
+        srv.stop()
+    rc = srv.proc.returncode
+    err = srv.proc.stderr.read()
+    check("clean exit on SIGTERM", rc == 0, (rc, err[-2000:]))
+    check("no sanitizer or internal-error reports", not re.search(r"runtime error|Sanitizer|internal error", err),
+          err[-2000:])
+    test_api_key()
+    test_bad_start()
+    print(f"{passed} passed, {len(failures)} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
