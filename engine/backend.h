@@ -10,6 +10,7 @@
 
 #include "batch.h"
 #include "model.h"
+#include "sampler.h"
 
 namespace coinfer {
 
@@ -20,13 +21,29 @@ struct BackendOptions {
     float gpu_memory_fraction = 0.9f;
 };
 
-// One logit row's greedy sampling inputs for on-device sampling (engine/sampler.h steps 1-3).
-struct DeviceGreedyRow {
+// One logit row's sampling inputs for on-device sampling (the whole engine/sampler.h chain).
+struct DeviceSampleRow {
     std::vector<std::pair<int32_t, float>> logit_bias;      // applied in order
     std::vector<std::pair<int32_t, int32_t>> penalty_counts;  // (token id, times seen in the window)
     float repeat_penalty = 1.0f;
     float frequency_penalty = 0.0f;
     float presence_penalty = 0.0f;
+    // Steps 4-9; a temperature below SamplingParams::k_greedy_temperature makes the row greedy.
+    float temperature = 0.0f;
+    int32_t top_k = 0;
+    float top_p = 1.0f;
+    float min_p = 0.0f;
+    uint64_t seed = 0;
+    uint64_t token_index = 0;  // the Philox counter: generated-token number of the request
+    int32_t n_logprobs = 0;    // top-n logprobs of the raw row wanted (0..SamplingParams::k_max_logprobs)
+};
+using DeviceGreedyRow = DeviceSampleRow;
+
+// What comes back per row from on-device sampling.
+struct DeviceSampleOut {
+    int32_t id = -1;                        // -1 when no token survives
+    float logprob = 0.0f;                   // log_softmax(raw)[id], when n_logprobs > 0
+    std::vector<TokenLogprob> top_logprobs;  // n_logprobs entries, as top_logprobs() gives
 };
 
 class Backend {
@@ -44,6 +61,9 @@ public:
     // token there, so only ids come back: ids[i] for logit_rows[i], -1 when no token survives.
     virtual bool samples_on_device() const { return false; }
     virtual void forward_greedy(const Batch& batch, std::span<const DeviceGreedyRow> rows, std::span<int32_t> ids);
+    // The same for every sampling chain: out[i] for logit_rows[i], choices equal to Sampler's.
+    virtual void forward_sample(const Batch& batch, std::span<const DeviceSampleRow> rows,
+                                std::span<DeviceSampleOut> out);
 };
 
 std::unique_ptr<Backend> make_cpu_backend(std::shared_ptr<const Model> model, const BackendOptions& opt);

@@ -2,8 +2,10 @@
 // F16 (or F32) cache on the device, the whole forward pass on one stream. It mirrors
 // cpu_backend.cpp op for op; tests/gpu compares the two.
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdlib>
+#include <cstdio>
 #include <cstring>
 
 #include "backend.h"
@@ -21,6 +23,10 @@
 namespace coinfer {
 
 void Backend::forward_greedy(const Batch&, std::span<const DeviceGreedyRow>, std::span<int32_t>) {
+    throw_error("backend '{}' does not sample on the device", name());
+}
+
+void Backend::forward_sample(const Batch&, std::span<const DeviceSampleRow>, std::span<DeviceSampleOut>) {
     throw_error("backend '{}' does not sample on the device", name());
 }
 
@@ -61,6 +67,10 @@ struct DevLayer {
     float* ffn_norm = nullptr;   // [n_embd]
     float *bq = nullptr, *bk = nullptr, *bv = nullptr;
     DevWeight wq, wk, wv, wo, w_gate, w_up, w_down;
+    // When the parts share a type, wq|wk|wv and w_gate|w_up sit back to back in one buffer (the
+    // parts point into it), so a one-token pass reads each group with one launch:
+    // wqkv [n_q + 2 n_kv rows], w_gate_up [2 n_ff rows]. type -1: not fused.
+    DevWeight wqkv{-1}, w_gate_up{-1};
 };
 
 // A device buffer that grows (never shrinks) to the largest request.
@@ -85,6 +95,91 @@ struct Scratch {
     }
 };
 
+// Pinned host memory that grows to the largest request: async copies from and to it need no
+// driver staging (pageable copies cost several microseconds per decode step).
+struct PinnedScratch {
+    char* p = nullptr;
+    size_t n = 0;
+    char* get(size_t want) {
+        if (want > n) {
+            if (p) CUDA_CHECK(cudaFreeHost(p));
+            p = nullptr;
+            n = 0;
+            CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&p), want));
+            n = want;
+        }
+        return p;
+    }
+    void release() {
+        if (p) cudaFreeHost(p);
+        p = nullptr;
+        n = 0;
+    }
+};
+
+// COINFER_CUDA_PROFILE=1: per-op device time from events between launches (eager launches only,
+// graphs off), printed to stderr with the achieved GB/s of the matmuls when the backend closes.
+struct OpProfile {
+    struct Acc {
+        int64_t calls = 0;
+        double ms = 0.0, bytes = 0.0;
+    };
+    std::vector<std::pair<std::string, Acc>> ops;  // first-seen order
+    std::vector<cudaEvent_t> events;
+    std::vector<std::pair<size_t, double>> marks;  // op index and bytes of event i + 1
+    int64_t n_passes = 0;
+
+    size_t op_index(const char* name) {
+        for (size_t i = 0; i < ops.size(); ++i)
+            if (ops[i].first == name) return i;
+        ops.push_back({name, {}});
+        return ops.size() - 1;
+    }
+    void record(cudaStream_t s) {
+        if (marks.size() + 1 >= events.size()) {
+            cudaEvent_t e;
+            CUDA_CHECK(cudaEventCreate(&e));
+            events.push_back(e);
+        }
+        CUDA_CHECK(cudaEventRecord(events[marks.size()], s));
+    }
+    void begin(cudaStream_t s) {
+        marks.clear();
+        record(s);
+    }
+    void mark(const char* name, double bytes, cudaStream_t s) {
+        marks.push_back({op_index(name), bytes});
+        record(s);
+    }
+    void end(cudaStream_t s) {
+        CUDA_CHECK(cudaStreamSynchronize(s));
+        for (size_t i = 0; i < marks.size(); ++i) {
+            float ms = 0.0f;
+            CUDA_CHECK(cudaEventElapsedTime(&ms, events[i], events[i + 1]));
+            Acc& a = ops[marks[i].first].second;
+            ++a.calls;
+            a.ms += ms;
+            a.bytes += marks[i].second;
+        }
+        ++n_passes;
+    }
+    void print() const {
+        double total = 0.0;
+        for (const auto& [name, a] : ops) total += a.ms;
+        std::fprintf(stderr, "cuda profile: %lld passes, %.3f ms of device time per pass\n", (long long)n_passes,
+                     n_passes ? total / double(n_passes) : 0.0);
+        std::fprintf(stderr, "  %-16s %8s %10s %8s %10s\n", "op", "calls", "us/call", "share", "GB/s");
+        for (const auto& [name, a] : ops) {
+            const double gbs = a.bytes > 0 && a.ms > 0 ? a.bytes / (a.ms * 1e-3) / 1e9 : 0.0;
+            std::fprintf(stderr, "  %-16s %8lld %10.2f %7.1f%% %10.0f\n", name.c_str(), (long long)a.calls,
+                         a.calls ? 1e3 * a.ms / double(a.calls) : 0.0, total > 0 ? 100.0 * a.ms / total : 0.0, gbs);
+        }
+    }
+    ~OpProfile() {
+        for (cudaEvent_t e : events) cudaEventDestroy(e);
+    }
+};
+
 int64_t env_int(const char* name, int64_t def) {
     const char* v = std::getenv(name);
     return v && *v ? std::strtoll(v, nullptr, 10) : def;
@@ -101,10 +196,23 @@ public:
     void forward(const Batch& b, std::span<float> logits) override;
     bool samples_on_device() const override { return true; }
     void forward_greedy(const Batch& b, std::span<const DeviceGreedyRow> rows, std::span<int32_t> ids) override;
+    void forward_sample(const Batch& b, std::span<const DeviceSampleRow> rows, std::span<DeviceSampleOut> out) override;
 
 private:
-    void run(const Batch& b);  // leaves logits of b.logit_rows in d_logits_
+    struct Bufs {
+        float *x, *h, *q, *k, *v, *attn, *g, *u, *tmp, *lg, *part;
+    };
+    static constexpr int32_t k_graph_max = 256;  // largest graph bucket
+    static constexpr int32_t k_graph_buckets = 9;  // 1, 2, 4, ..., 256
+
+    void run(const Batch& b);  // leaves logits of b.logit_rows in cur_logits_
+    bool run_graph(const Batch& b);
+    int32_t pack_ints(const Batch& b, int32_t stride, int32_t* hi) const;
+    Bufs scratch_bufs(int64_t n, int64_t n_out, int64_t max_ctx);
+    kn::AttentionParams attn_params() const;
+    void encode(int64_t n, int64_t n_out, int64_t max_ctx, int32_t stride, const int32_t* di, const Bufs& B);
     DevWeight upload(const WeightView& w, const char* what);
+    DevWeight upload_fused(std::initializer_list<std::pair<const WeightView*, DevWeight*>> parts, const char* what);
     float* upload_floats(const std::vector<float>& v, const char* what);
 
     std::shared_ptr<const Model> model_;
@@ -124,10 +232,20 @@ private:
 
     Scratch<float> x_, h_, q_, k_, v_, attn_, g_, u_, tmp_, logits_, attn_part_, mm_scratch_;
     Scratch<int32_t> ints_;
-    Scratch<kn::GreedyRowParams> row_params_;
-    Scratch<float> bias_vals_;
+    Scratch<char> sample_io_, sample_ws_;
     std::vector<int32_t> h_ints_;  // host staging for ints_
-    int32_t* d_logit_rows_ = nullptr;
+    std::vector<DeviceSampleOut> sample_out_;
+    PinnedScratch sample_host_;  // host mirror of sample_io_
+    float* cur_logits_ = nullptr;  // [n_out, n_vocab] of the last run
+
+    // CUDA graphs for decode-only batches, one per bucket.
+    bool graphs_enabled_ = true;
+    int32_t graph_stride_ = 0;          // block-table row length baked into the graphs
+    int32_t* graph_ints_ = nullptr;     // [5 * bucket + bucket * graph_stride_] inputs
+    int32_t* graph_host_ints_ = nullptr;  // pinned staging for graph_ints_
+    Bufs graph_bufs_{};                 // activations for k_graph_max tokens
+    cudaGraphExec_t graph_exec_[k_graph_buckets] = {};
+    std::unique_ptr<OpProfile> prof_;  // COINFER_CUDA_PROFILE=1
 };
 
 CudaBackend::CudaBackend(std::shared_ptr<const Model> model, const BackendOptions& opt)
@@ -156,12 +274,18 @@ CudaBackend::CudaBackend(std::shared_ptr<const Model> model, const BackendOption
             d.bk = upload_floats(L.bk, "bk");
             d.bv = upload_floats(L.bv, "bv");
         }
-        d.wq = upload(L.wq, "attn_q");
-        d.wk = upload(L.wk, "attn_k");
-        d.wv = upload(L.wv, "attn_v");
+        d.wqkv = upload_fused({{&L.wq, &d.wq}, {&L.wk, &d.wk}, {&L.wv, &d.wv}}, "attn_qkv");
+        if (d.wqkv.type < 0) {
+            d.wq = upload(L.wq, "attn_q");
+            d.wk = upload(L.wk, "attn_k");
+            d.wv = upload(L.wv, "attn_v");
+        }
         d.wo = upload(L.wo, "attn_output");
-        d.w_gate = upload(L.w_gate, "ffn_gate");
-        d.w_up = upload(L.w_up, "ffn_up");
+        d.w_gate_up = upload_fused({{&L.w_gate, &d.w_gate}, {&L.w_up, &d.w_up}}, "ffn_gate_up");
+        if (d.w_gate_up.type < 0) {
+            d.w_gate = upload(L.w_gate, "ffn_gate");
+            d.w_up = upload(L.w_up, "ffn_up");
+        }
         d.w_down = upload(L.w_down, "ffn_down");
         layers_.push_back(d);
     }
@@ -208,7 +332,15 @@ CudaBackend::CudaBackend(std::shared_ptr<const Model> model, const BackendOption
                         double(per_block) / k_mib, double(free_b) / k_mib);
         opt_.n_blocks = static_cast<int32_t>(std::min<int64_t>(n, 1 << 30));
     }
-    const size_t layer_bytes = size_t(opt_.n_blocks) * size_t(opt_.block_size) * size_t(c_.n_embd_kv()) * kv_elem;
+    // One spare block past the pool: padding tokens of graph replays write there.
+    const size_t layer_bytes =
+        size_t(opt_.n_blocks + 1) * size_t(opt_.block_size) * size_t(c_.n_embd_kv()) * kv_elem;
+    graphs_enabled_ = env_int("COINFER_CUDA_GRAPHS", 1) != 0;
+    if (env_int("COINFER_CUDA_PROFILE", 0) != 0) {
+        prof_ = std::make_unique<OpProfile>();
+        graphs_enabled_ = false;
+    }
+    graph_stride_ = static_cast<int32_t>((std::min<int64_t>(c_.n_ctx_train, 32768) + opt_.block_size - 1) / opt_.block_size);
     for (int64_t l = 0; l < c_.n_layer; ++l) {
         k_cache_.push_back(device_alloc(layer_bytes, "KV cache (K)"));
         allocs_.push_back(k_cache_.back());
@@ -219,11 +351,17 @@ CudaBackend::CudaBackend(std::shared_ptr<const Model> model, const BackendOption
 
 CudaBackend::~CudaBackend() {
     if (stream_) cudaStreamSynchronize(stream_);
+    if (prof_) prof_->print();
     for (void* p : allocs_) cudaFree(p);
-    for (auto* s : {&x_, &h_, &q_, &k_, &v_, &attn_, &g_, &u_, &tmp_, &logits_, &attn_part_, &mm_scratch_, &bias_vals_})
+    for (cudaGraphExec_t& e : graph_exec_)
+        if (e) cudaGraphExecDestroy(e);
+    if (graph_host_ints_) cudaFreeHost(graph_host_ints_);
+    for (auto* s : {&x_, &h_, &q_, &k_, &v_, &attn_, &g_, &u_, &tmp_, &logits_, &attn_part_, &mm_scratch_})
         s->release();
     ints_.release();
-    row_params_.release();
+    sample_io_.release();
+    sample_ws_.release();
+    sample_host_.release();
     if (cublas_) cublasDestroy(cublas_);
     if (stream_) cudaStreamDestroy(stream_);
 }
@@ -244,6 +382,34 @@ DevWeight CudaBackend::upload(const WeightView& w, const char* what) {
     return d;
 }
 
+DevWeight CudaBackend::upload_fused(std::initializer_list<std::pair<const WeightView*, DevWeight*>> parts,
+                                     const char* what) {
+    const WeightView& first = *parts.begin()->first;
+    int64_t n_out = 0;
+    for (const auto& [w, dev] : parts) {
+        if (w->type != first.type || w->n_in != first.n_in || w->row_bytes != first.row_bytes ||
+            !kn::weight_type_is_supported(static_cast<int>(w->type)))
+            return DevWeight{-1};
+        n_out += w->n_out;
+    }
+    if (env_int("COINFER_CUDA_FUSE", 1) == 0) return DevWeight{-1};
+    DevWeight f;
+    f.type = static_cast<int>(first.type);
+    f.n_in = first.n_in;
+    f.n_out = n_out;
+    f.row_bytes = first.row_bytes;
+    f.data = device_alloc(size_t(n_out) * f.row_bytes, what);
+    allocs_.push_back(f.data);
+    size_t off = 0;
+    for (const auto& [w, dev] : parts) {
+        const size_t bytes = size_t(w->n_out) * w->row_bytes;
+        CUDA_CHECK(cudaMemcpy(static_cast<char*>(f.data) + off, w->data, bytes, cudaMemcpyHostToDevice));
+        *dev = DevWeight{f.type, w->n_in, w->n_out, w->row_bytes, static_cast<char*>(f.data) + off};
+        off += bytes;
+    }
+    return f;
+}
+
 float* CudaBackend::upload_floats(const std::vector<float>& v, const char* what) {
     if (v.empty()) return nullptr;
     auto* p = static_cast<float*>(device_alloc(v.size() * sizeof(float), what));
@@ -252,19 +418,11 @@ float* CudaBackend::upload_floats(const std::vector<float>& v, const char* what)
     return p;
 }
 
-void CudaBackend::run(const Batch& b) {
-    validate_batch(b, c_, opt_.n_blocks, opt_.block_size);
-    const int64_t n = b.n_tokens(), d = c_.n_embd, hd = c_.head_dim;
-    const int64_t n_q = c_.n_head * hd, n_kv = c_.n_embd_kv(), n_ff = c_.n_ff, n_vocab = c_.n_vocab;
-    const int64_t n_out = static_cast<int64_t>(b.logit_rows.size());
+// Fills the packed ints for the batch: tokens, positions, slots, seq, logit_rows [n_out], then
+// block tables [n_seqs, stride]. Returns the largest position.
+int32_t CudaBackend::pack_ints(const Batch& b, int32_t stride, int32_t* hi) const {
+    const int64_t n = b.n_tokens(), n_out = static_cast<int64_t>(b.logit_rows.size());
     const int32_t bs = opt_.block_size;
-
-    // Ints, packed for one copy: tokens, positions, slots, seq, logit_rows, block tables.
-    int32_t stride = 1;
-    for (const auto& t : b.block_tables) stride = std::max<int32_t>(stride, static_cast<int32_t>(t.size()));
-    const size_t n_ints = size_t(4 * n + n_out) + size_t(b.n_seqs()) * size_t(stride);
-    h_ints_.assign(n_ints, 0);
-    int32_t* hi = h_ints_.data();
     int32_t max_pos = 0;
     for (int64_t t = 0; t < n; ++t) {
         const auto& table = b.block_tables[static_cast<size_t>(b.seq[t])];
@@ -278,54 +436,195 @@ void CudaBackend::run(const Batch& b) {
     for (int64_t r = 0; r < n_out; ++r) hi[4 * n + r] = b.logit_rows[static_cast<size_t>(r)];
     for (int32_t s = 0; s < b.n_seqs(); ++s)
         std::copy(b.block_tables[s].begin(), b.block_tables[s].end(), hi + 4 * n + n_out + int64_t(s) * stride);
-    int32_t* di = ints_.get(n_ints, "batch indices");
-    CUDA_CHECK(cudaMemcpyAsync(di, hi, n_ints * sizeof(int32_t), cudaMemcpyHostToDevice, stream_));
-    const int32_t *d_tok = di, *d_pos = di + n, *d_slot = di + 2 * n, *d_seq = di + 3 * n;
-    d_logit_rows_ = di + 4 * n;
-    const int32_t* d_tables = di + 4 * n + n_out;
+    return max_pos;
+}
 
-    float* x = x_.get(size_t(n * d), "activations");  // [n, n_embd] residual stream
-    float* h = h_.get(size_t(n * std::max(d, n_q)), "activations");
-    float* q = q_.get(size_t(n * n_q), "activations");  // [n, n_head * head_dim]
-    float* k = k_.get(size_t(n * n_kv), "activations");
-    float* v = v_.get(size_t(n * n_kv), "activations");
-    float* attn = attn_.get(size_t(n * n_q), "activations");
-    float* g = g_.get(size_t(n * n_ff), "activations");  // [n, n_ff]
-    float* u = u_.get(size_t(n * n_ff), "activations");
-    float* tmp = tmp_.get(size_t(n * d), "activations");
-    float* lg = logits_.get(size_t(std::max<int64_t>(n_out, 1) * n_vocab), "logits");
-    const int64_t max_ctx = int64_t(max_pos) + 1;
-    kn::AttentionParams ap{static_cast<int32_t>(c_.n_head), static_cast<int32_t>(c_.n_head_kv),
-                           static_cast<int32_t>(hd), bs, 1.0f / std::sqrt(static_cast<float>(hd)), kv_f16_};
-    float* part = attn_part_.get(kn::attention_scratch_floats(ap, n, max_ctx), "attention scratch");
+CudaBackend::Bufs CudaBackend::scratch_bufs(int64_t n, int64_t n_out, int64_t max_ctx) {
+    const int64_t d = c_.n_embd, n_q = c_.n_head * c_.head_dim, n_kv = c_.n_embd_kv(), n_ff = c_.n_ff;
+    Bufs B;
+    B.x = x_.get(size_t(n * d), "activations");
+    B.h = h_.get(size_t(n * std::max(d, n_q)), "activations");
+    B.q = q_.get(size_t(n * n_q + 2 * n_kv), "activations");  // + room for fused k, v of one row
+    B.k = k_.get(size_t(n * n_kv), "activations");
+    B.v = v_.get(size_t(n * n_kv), "activations");
+    B.attn = attn_.get(size_t(n * n_q), "activations");
+    B.g = g_.get(size_t(n * n_ff + n_ff), "activations");  // + room for the fused up of one row
+    B.u = u_.get(size_t(n * n_ff), "activations");
+    B.tmp = tmp_.get(size_t(n * d), "activations");
+    B.lg = logits_.get(size_t(std::max<int64_t>(n_out, 1) * c_.n_vocab), "logits");
+    B.part = attn_part_.get(kn::attention_scratch_floats(attn_params(), n, max_ctx), "attention scratch");
+    return B;
+}
+
+kn::AttentionParams CudaBackend::attn_params() const {
+    return kn::AttentionParams{static_cast<int32_t>(c_.n_head), static_cast<int32_t>(c_.n_head_kv),
+                               static_cast<int32_t>(c_.head_dim), opt_.block_size,
+                               1.0f / std::sqrt(static_cast<float>(c_.head_dim)), kv_f16_};
+}
+
+// The forward pass as a sequence of launches on stream_ (no host sync, no allocation, so it can
+// be captured into a graph). di: the packed ints of pack_ints.
+void CudaBackend::encode(int64_t n, int64_t n_out, int64_t max_ctx, int32_t stride, const int32_t* di,
+                         const Bufs& B) {
+    const int64_t d = c_.n_embd, hd = c_.head_dim;
+    const int64_t n_ff = c_.n_ff;
+    const int32_t *d_tok = di, *d_pos = di + n, *d_slot = di + 2 * n, *d_seq = di + 3 * n;
+    const int32_t* d_rows = di + 4 * n;
+    const int32_t* d_tables = di + 4 * n + n_out;
+    const kn::AttentionParams ap = attn_params();
     const kn::RopeParams rp{static_cast<int32_t>(c_.n_head), static_cast<int32_t>(c_.n_head_kv),
                             static_cast<int32_t>(hd), static_cast<int32_t>(c_.n_rot), c_.rope_type == ROPE_TYPE_NEOX,
                             inv_freq_};
-    auto mm = [&](const DevWeight& w, const float* in, int64_t rows, float* out) {
-        kn::matmul(mm_, w.type, w.data, w.row_bytes, w.n_in, w.n_out, in, rows, out, stream_);
+    OpProfile* pr = prof_.get();
+    auto mark = [&](const char* name, double bytes = 0.0) {
+        if (pr) pr->mark(name, bytes, stream_);
     };
-
+    auto mm = [&](const DevWeight& w, const float* in, int64_t rows, float* out, const char* name) {
+        kn::matmul(mm_, w.type, w.data, w.row_bytes, w.n_in, w.n_out, in, rows, out, stream_);
+        mark(name, double(w.n_out) * double(w.row_bytes) + 4.0 * double(rows) * double(w.n_in + w.n_out));
+    };
+    float *x = B.x, *h = B.h, *q = B.q, *k = B.k, *v = B.v, *attn = B.attn, *g = B.g, *u = B.u, *tmp = B.tmp;
+    if (pr) pr->begin(stream_);
     kn::dequantize_rows(token_embd_.type, token_embd_.data, token_embd_.row_bytes, d, d_tok, n, x, stream_);
+    mark("embed");
     for (size_t l = 0; l < layers_.size(); ++l) {
         const DevLayer& L = layers_[l];
         kn::rms_norm(x, l == 0 ? nullptr : tmp, nullptr, true, L.attn_norm, h, n, d, c_.rms_eps, stream_);
-        mm(L.wq, h, n, q);
-        mm(L.wk, h, n, k);
-        mm(L.wv, h, n, v);
+        mark("add_rms_norm");
+        if (n == 1 && L.wqkv.type >= 0) {
+            // One row: q, k and v are contiguous in q's buffer (sized n_q + 2 n_kv for this).
+            mm(L.wqkv, h, n, q, "matmul qkv");
+            k = q + c_.n_head * hd;
+            v = k + c_.n_embd_kv();
+        } else {
+            k = B.k;
+            v = B.v;
+            mm(L.wq, h, n, q, "matmul q");
+            mm(L.wk, h, n, k, "matmul k");
+            mm(L.wv, h, n, v, "matmul v");
+        }
         kn::rope_kv_write(rp, q, k, v, L.bq, L.bk, L.bv, d_pos, d_slot, n, k_cache_[l], v_cache_[l], kv_f16_, stream_);
-        kn::paged_attention(ap, q, k_cache_[l], v_cache_[l], d_pos, d_seq, d_tables, stride, n, max_ctx, part, attn,
+        mark("rope_kv_write");
+        kn::paged_attention(ap, q, k_cache_[l], v_cache_[l], d_pos, d_seq, d_tables, stride, n, max_ctx, B.part, attn,
                             stream_);
-        mm(L.wo, attn, n, tmp);
+        mark("attention");
+        mm(L.wo, attn, n, tmp, "matmul o");
         kn::rms_norm(x, tmp, nullptr, true, L.ffn_norm, h, n, d, c_.rms_eps, stream_);
-        mm(L.w_gate, h, n, g);
-        mm(L.w_up, h, n, u);
+        mark("add_rms_norm");
+        if (n == 1 && L.w_gate_up.type >= 0) {
+            mm(L.w_gate_up, h, n, g, "matmul gate_up");  // g holds [gate | up] for one row
+            u = g + n_ff;
+        } else {
+            u = B.u;
+            mm(L.w_gate, h, n, g, "matmul gate");
+            mm(L.w_up, h, n, u, "matmul up");
+        }
         kn::swiglu(g, u, n * n_ff, stream_);
-        mm(L.w_down, g, n, tmp);
+        mark("swiglu");
+        mm(L.w_down, g, n, tmp, "matmul down");
     }
-    if (n_out == 0) return;
-    kn::rms_norm(x, layers_.empty() ? nullptr : tmp, d_logit_rows_, false, output_norm_, h, n_out, d, c_.rms_eps,
-                 stream_);
-    mm(output_, h, n_out, lg);
+    if (n_out > 0) {
+        kn::rms_norm(x, layers_.empty() ? nullptr : tmp, d_rows, false, output_norm_, h, n_out, d, c_.rms_eps, stream_);
+        mark("add_rms_norm");
+        mm(output_, h, n_out, B.lg, "matmul output");
+    }
+    if (pr) pr->end(stream_);
+}
+
+// Decode-only batches (one token per sequence, every token a logit row, in order) of up to 256
+// tokens replay a graph captured once per size bucket. The batch is padded to the bucket with
+// tokens that write into a spare KV block (index n_blocks) and whose rows are ignored; the
+// graph's inputs live at fixed device addresses, refreshed by one copy before each replay.
+bool CudaBackend::run_graph(const Batch& b) {
+    const int64_t n = b.n_tokens();
+    if (!graphs_enabled_ || n > k_graph_max || n != b.n_seqs() || b.logit_rows.size() != size_t(n)) return false;
+    for (int64_t i = 0; i < n; ++i)
+        if (b.logit_rows[size_t(i)] != i) return false;
+    for (const auto& t : b.block_tables)
+        if (int64_t(t.size()) > graph_stride_) return false;
+    int32_t bucket = 1;
+    while (bucket < n) bucket *= 2;
+    if (bucket >= mm_.gemm_min_rows) return false;  // cuBLAS paths stay eager
+    const int32_t stride = graph_stride_, bs = opt_.block_size;
+    const int64_t max_ctx = int64_t(stride) * bs;
+    if (!graph_ints_) {
+        const size_t n_ints = size_t(5 * k_graph_max) + size_t(k_graph_max) * size_t(stride);
+        graph_ints_ = static_cast<int32_t*>(device_alloc(n_ints * sizeof(int32_t), "graph inputs"));
+        allocs_.push_back(graph_ints_);
+        CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&graph_host_ints_), n_ints * sizeof(int32_t)));
+        const int64_t d = c_.n_embd, n_q = c_.n_head * c_.head_dim, n_kv = c_.n_embd_kv(), n_ff = c_.n_ff;
+        const int64_t N = k_graph_max;
+        auto f = [&](int64_t count) {
+            auto* p = static_cast<float*>(device_alloc(size_t(count) * sizeof(float), "graph activations"));
+            allocs_.push_back(p);
+            return p;
+        };
+        graph_bufs_ = Bufs{f(N * d), f(N * std::max(d, n_q)), f(N * n_q + 2 * n_kv), f(N * n_kv), f(N * n_kv), f(N * n_q),
+                           f(N * n_ff + n_ff), f(N * n_ff), f(N * d), f(N * c_.n_vocab),
+                           f(int64_t(kn::attention_scratch_floats(attn_params(), N, max_ctx)))};
+    }
+    // Packed as pack_ints with n = n_out = bucket and the graph's fixed stride.
+    int32_t* hi = graph_host_ints_;
+    const int64_t B = bucket;
+    const int32_t sink = opt_.n_blocks;  // the spare block
+    for (int64_t t = 0; t < B; ++t) {
+        const bool real = t < n;
+        const int32_t pos = real ? b.positions[size_t(t)] : 0;
+        const auto* table = real ? &b.block_tables[static_cast<size_t>(b.seq[size_t(t)])] : nullptr;
+        hi[t] = real ? b.tokens[size_t(t)] : 0;
+        hi[B + t] = pos;
+        hi[2 * B + t] = real ? (*table)[static_cast<size_t>(pos / bs)] * bs + pos % bs : sink * bs;
+        hi[3 * B + t] = real ? b.seq[size_t(t)] : int32_t(t);
+        hi[4 * B + t] = int32_t(t);
+        int32_t* row = hi + 5 * B + t * stride;
+        if (t < b.n_seqs()) {
+            const auto& bt = b.block_tables[size_t(t)];
+            std::copy(bt.begin(), bt.end(), row);
+            std::fill(row + bt.size(), row + stride, sink);
+        } else {
+            std::fill(row, row + stride, sink);
+        }
+    }
+    CUDA_CHECK(cudaMemcpyAsync(graph_ints_, hi, size_t(5 * B + B * stride) * sizeof(int32_t), cudaMemcpyHostToDevice,
+                               stream_));
+    auto& exec = graph_exec_[size_t(std::countr_zero(uint32_t(bucket)))];
+    if (!exec) {
+        cudaGraph_t graph = nullptr;
+        CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+        try {
+            encode(B, B, max_ctx, stride, graph_ints_, graph_bufs_);
+        } catch (...) {
+            cudaStreamEndCapture(stream_, &graph);
+            if (graph) cudaGraphDestroy(graph);
+            (void)cudaGetLastError();
+            graphs_enabled_ = false;  // fall back to eager launches for good
+            throw;
+        }
+        CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
+        const cudaError_t e = cudaGraphInstantiate(&exec, graph, 0);
+        cudaGraphDestroy(graph);
+        CUDA_CHECK(e);
+    }
+    CUDA_CHECK(cudaGraphLaunch(exec, stream_));
+    cur_logits_ = graph_bufs_.lg;
+    return true;
+}
+
+void CudaBackend::run(const Batch& b) {
+    validate_batch(b, c_, opt_.n_blocks, opt_.block_size);
+    if (run_graph(b)) return;
+    const int64_t n = b.n_tokens();
+    const int64_t n_out = static_cast<int64_t>(b.logit_rows.size());
+    int32_t stride = 1;
+    for (const auto& t : b.block_tables) stride = std::max<int32_t>(stride, static_cast<int32_t>(t.size()));
+    const size_t n_ints = size_t(4 * n + n_out) + size_t(b.n_seqs()) * size_t(stride);
+    h_ints_.assign(n_ints, 0);
+    const int32_t max_pos = pack_ints(b, stride, h_ints_.data());
+    int32_t* di = ints_.get(n_ints, "batch indices");
+    CUDA_CHECK(cudaMemcpyAsync(di, h_ints_.data(), n_ints * sizeof(int32_t), cudaMemcpyHostToDevice, stream_));
+    const Bufs B = scratch_bufs(n, n_out, int64_t(max_pos) + 1);
+    encode(n, n_out, int64_t(max_pos) + 1, stride, di, B);
+    cur_logits_ = B.lg;
 }
 
 void CudaBackend::forward(const Batch& b, std::span<float> logits) {
@@ -335,7 +634,7 @@ void CudaBackend::forward(const Batch& b, std::span<float> logits) {
     if (b.n_tokens() == 0) return;
     run(b);
     if (!logits.empty())
-        CUDA_CHECK(cudaMemcpyAsync(logits.data(), logits_.p, logits.size() * sizeof(float), cudaMemcpyDeviceToHost,
+        CUDA_CHECK(cudaMemcpyAsync(logits.data(), cur_logits_, logits.size() * sizeof(float), cudaMemcpyDeviceToHost,
                                    stream_));
     CUDA_CHECK(cudaStreamSynchronize(stream_));
 }
@@ -344,7 +643,23 @@ void CudaBackend::forward_greedy(const Batch& b, std::span<const DeviceGreedyRow
     const size_t n_out = b.logit_rows.size();
     if (rows.size() != n_out || ids.size() != n_out)
         throw_error("forward_greedy: {} logit rows, {} sampling rows, {} ids", n_out, rows.size(), ids.size());
+    sample_out_.resize(n_out);
+    forward_sample(b, rows, sample_out_);
+    for (size_t i = 0; i < n_out; ++i) ids[i] = sample_out_[i].id;
+}
+
+void CudaBackend::forward_sample(const Batch& b, std::span<const DeviceSampleRow> rows, std::span<DeviceSampleOut> out) {
+    const size_t n_out = b.logit_rows.size();
+    if (rows.size() != n_out || out.size() != n_out)
+        throw_error("forward_sample: {} logit rows, {} sampling rows, {} outputs", n_out, rows.size(), out.size());
     if (b.n_tokens() == 0) return;
+    // Check the rows before running anything, so a bad row leaves the cache untouched.
+    for (const DeviceSampleRow& row : rows) {
+        for (const auto& [id, bias] : row.logit_bias)
+            if (id < 0 || id >= c_.n_vocab) throw_error("sampling: logit_bias token id {} is outside the vocabulary", id);
+        if (row.n_logprobs < 0 || row.n_logprobs > kn::k_max_device_logprobs)
+            throw_error("sampling: n_logprobs {} is outside 0..{}", row.n_logprobs, kn::k_max_device_logprobs);
+    }
     run(b);
     if (n_out == 0) {
         CUDA_CHECK(cudaStreamSynchronize(stream_));
@@ -354,47 +669,94 @@ void CudaBackend::forward_greedy(const Batch& b, std::span<const DeviceGreedyRow
     std::vector<kn::GreedyRowParams> params(n_out);
     std::vector<int32_t> bias_off{0}, bias_ids, pen_off{0}, pen_ids, pen_counts;
     std::vector<float> bias_vals;
+    std::vector<kn::DistRowParams> dist;
+    std::vector<kn::LogprobRowParams> lp;
     for (size_t r = 0; r < n_out; ++r) {
-        const DeviceGreedyRow& row = rows[r];
+        const DeviceSampleRow& row = rows[r];
         params[r] = {row.repeat_penalty, row.frequency_penalty, row.presence_penalty};
         for (const auto& [id, bias] : row.logit_bias) {
-            if (id < 0 || id >= c_.n_vocab) throw_error("sampling: logit_bias token id {} is outside the vocabulary", id);
             bias_ids.push_back(id);
             bias_vals.push_back(bias);
         }
         bias_off.push_back(static_cast<int32_t>(bias_ids.size()));
         for (const auto& [id, count] : row.penalty_counts) {
+            if (id < 0 || id >= c_.n_vocab) continue;  // as the CPU's penalty stage
             pen_ids.push_back(id);
             pen_counts.push_back(count);
         }
         pen_off.push_back(static_cast<int32_t>(pen_ids.size()));
+        if (row.temperature >= SamplingParams::k_greedy_temperature) {
+            kn::DistRowParams dp{};
+            dp.row = static_cast<int32_t>(r);
+            dp.top_k = row.top_k;
+            dp.inv_temperature = 1.0f / row.temperature;  // as TemperatureStage
+            dp.top_p = row.top_p;
+            dp.min_p = row.min_p;
+            dp.seed = row.seed;
+            dp.token_index = row.token_index;
+            dist.push_back(dp);
+        }
+        if (row.n_logprobs > 0) lp.push_back({static_cast<int32_t>(r), row.n_logprobs});
     }
-    const size_t n_i = bias_off.size() + bias_ids.size() + pen_off.size() + pen_ids.size() + pen_counts.size() + n_out;
     std::vector<int32_t> hi;
-    hi.reserve(n_i);
     for (auto* v : {&bias_off, &bias_ids, &pen_off, &pen_ids, &pen_counts}) hi.insert(hi.end(), v->begin(), v->end());
-    // The batch's ints stay in ints_ until the kernels finish: stage these in their own buffer.
-    static_assert(sizeof(kn::GreedyRowParams) % sizeof(float) == 0);
-    const size_t n_pf = n_out * sizeof(kn::GreedyRowParams) / sizeof(float);
-    float* dvals = bias_vals_.get(std::max<size_t>(1, bias_vals.size()) + n_pf + n_i + 1, "sampling inputs");
-    auto* dparams = reinterpret_cast<kn::GreedyRowParams*>(dvals);
-    float* dbias = dvals + n_pf;
-    auto* dints = reinterpret_cast<int32_t*>(dbias + std::max<size_t>(1, bias_vals.size()));
-    CUDA_CHECK(cudaMemcpyAsync(dparams, params.data(), n_out * sizeof(kn::GreedyRowParams), cudaMemcpyHostToDevice, stream_));
-    if (!bias_vals.empty())
-        CUDA_CHECK(cudaMemcpyAsync(dbias, bias_vals.data(), bias_vals.size() * sizeof(float), cudaMemcpyHostToDevice, stream_));
-    CUDA_CHECK(cudaMemcpyAsync(dints, hi.data(), hi.size() * sizeof(int32_t), cudaMemcpyHostToDevice, stream_));
-    const int32_t* p = dints;
-    const int32_t* d_bias_off = p; p += bias_off.size();
-    const int32_t* d_bias_ids = p; p += bias_ids.size();
-    const int32_t* d_pen_off = p; p += pen_off.size();
-    const int32_t* d_pen_ids = p; p += pen_ids.size();
-    const int32_t* d_pen_counts = p; p += pen_counts.size();
-    int32_t* d_out = dints + hi.size();
-    kn::sample_greedy(logits_.p, static_cast<int64_t>(n_out), c_.n_vocab, dparams, bias_ids.empty() ? nullptr : d_bias_off,
-                      d_bias_ids, dbias, pen_ids.empty() ? nullptr : d_pen_off, d_pen_ids, d_pen_counts, d_out, stream_);
-    CUDA_CHECK(cudaMemcpyAsync(ids.data(), d_out, n_out * sizeof(int32_t), cudaMemcpyDeviceToHost, stream_));
+    // One staging buffer: params | dist | lp | bias floats | ints | out ids | out logprobs.
+    auto al = [](size_t v) { return (v + 15) & ~size_t(15); };
+    const size_t o_params = 0;
+    const size_t o_dist = al(o_params + n_out * sizeof(kn::GreedyRowParams));
+    const size_t o_lp = al(o_dist + dist.size() * sizeof(kn::DistRowParams));
+    const size_t o_bias = al(o_lp + lp.size() * sizeof(kn::LogprobRowParams));
+    const size_t o_ints = al(o_bias + bias_vals.size() * sizeof(float));
+    const size_t o_ids = al(o_ints + hi.size() * sizeof(int32_t));
+    const size_t o_lpout = al(o_ids + n_out * sizeof(int32_t));
+    const size_t n_bytes = al(o_lpout + lp.size() * sizeof(kn::LogprobOut));
+    char* stage = sample_host_.get(n_bytes);  // [inputs | outputs], laid out as on the device
+    std::memcpy(stage + o_params, params.data(), n_out * sizeof(kn::GreedyRowParams));
+    if (!dist.empty()) std::memcpy(stage + o_dist, dist.data(), dist.size() * sizeof(kn::DistRowParams));
+    if (!lp.empty()) std::memcpy(stage + o_lp, lp.data(), lp.size() * sizeof(kn::LogprobRowParams));
+    if (!bias_vals.empty()) std::memcpy(stage + o_bias, bias_vals.data(), bias_vals.size() * sizeof(float));
+    if (!hi.empty()) std::memcpy(stage + o_ints, hi.data(), hi.size() * sizeof(int32_t));
+    char* dbuf = sample_io_.get(n_bytes, "sampling inputs");
+    CUDA_CHECK(cudaMemcpyAsync(dbuf, stage, o_ids, cudaMemcpyHostToDevice, stream_));
+    const size_t ws_bytes = kn::sample_workspace_bytes(c_.n_vocab, int64_t(dist.size()), int64_t(lp.size()));
+    char* ws = ws_bytes ? sample_ws_.get(ws_bytes, "sampling workspace") : nullptr;
+    const auto* dints = reinterpret_cast<const int32_t*>(dbuf + o_ints);
+    const int32_t* d_bias_off = dints;
+    const int32_t* d_bias_ids = d_bias_off + bias_off.size();
+    const int32_t* d_pen_off = d_bias_ids + bias_ids.size();
+    const int32_t* d_pen_ids = d_pen_off + pen_off.size();
+    const int32_t* d_pen_counts = d_pen_ids + pen_ids.size();
+    auto* d_ids = reinterpret_cast<int32_t*>(dbuf + o_ids);
+    auto* d_lpout = reinterpret_cast<kn::LogprobOut*>(dbuf + o_lpout);
+    if (prof_) prof_->begin(stream_);
+    kn::sample_rows(cur_logits_, static_cast<int64_t>(n_out), c_.n_vocab,
+                    reinterpret_cast<const kn::GreedyRowParams*>(dbuf + o_params),
+                    bias_ids.empty() ? nullptr : d_bias_off, d_bias_ids, reinterpret_cast<const float*>(dbuf + o_bias),
+                    pen_ids.empty() ? nullptr : d_pen_off, d_pen_ids, d_pen_counts,
+                    reinterpret_cast<const kn::DistRowParams*>(dbuf + o_dist), int64_t(dist.size()),
+                    reinterpret_cast<const kn::LogprobRowParams*>(dbuf + o_lp), int64_t(lp.size()), ws, ws_bytes, d_ids,
+                    d_lpout, stream_);
+    if (prof_) {
+        prof_->mark(dist.empty() ? "sample greedy" : "sample chain", 0.0, stream_);
+        prof_->end(stream_);
+    }
+    const char* back = stage + o_ids;
+    CUDA_CHECK(cudaMemcpyAsync(stage + o_ids, dbuf + o_ids, n_bytes - o_ids, cudaMemcpyDeviceToHost, stream_));
     CUDA_CHECK(cudaStreamSynchronize(stream_));
+    for (size_t r = 0; r < n_out; ++r) {
+        int32_t id;
+        std::memcpy(&id, back + r * sizeof(int32_t), sizeof id);
+        out[r].id = id;
+        out[r].logprob = 0.0f;
+        out[r].top_logprobs.clear();
+    }
+    for (size_t j = 0; j < lp.size(); ++j) {
+        kn::LogprobOut o;
+        std::memcpy(&o, back + (o_lpout - o_ids) + j * sizeof(kn::LogprobOut), sizeof o);
+        DeviceSampleOut& d = out[size_t(lp[j].row)];
+        d.logprob = o.chosen;
+        for (int32_t t = 0; t < o.n; ++t) d.top_logprobs.push_back({o.ids[t], o.logprobs[t]});
+    }
 }
 
 }  // namespace

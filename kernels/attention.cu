@@ -53,6 +53,7 @@ split_kernel(AttentionParams p, const float* __restrict__ q, const KV* __restric
     for (int i = threadIdx.x; i < hd; i += k_attn_threads) s_q[i] = q[t * int64_t(p.n_head) * hd + int64_t(h) * hd + i];
     __syncthreads();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll 4
     for (int j = warp; j < len; j += k_attn_threads / 32) {
         const int pos = p0 + j;
         const int64_t slot = int64_t(table[pos / p.block_size]) * p.block_size + pos % p.block_size;
@@ -86,15 +87,33 @@ split_kernel(AttentionParams p, const float* __restrict__ q, const KV* __restric
         my[0] = mx;
         my[1] = l;
     }
-    // Output: threads over head dims, positions in order.
+    // Output: warp w sums positions w, w + 4, ... with lane l holding dims l, l + 32, ... (one
+    // coalesced row of V per warp and step, four rows in flight), then the four partial sums
+    // are added in warp order. (One thread per dim walking every position in turn was latency-
+    // bound: 36 us for one token at ctx 144 on TinyLlama.)
+    constexpr int k_dims_per_lane = k_max_head_dim / 32;
+    float acc[k_dims_per_lane];
+#pragma unroll
+    for (int c = 0; c < k_dims_per_lane; ++c) acc[c] = 0.0f;
+#pragma unroll 2
+    for (int j = warp; j < len; j += k_attn_threads / 32) {
+        const int pos = p0 + j;
+        const int64_t slot = int64_t(table[pos / p.block_size]) * p.block_size + pos % p.block_size;
+        const KV* vp = v_cache + slot * n_kv + int64_t(kvh) * hd;
+        const float pj = s_p[j];
+#pragma unroll
+        for (int c = 0; c < k_dims_per_lane; ++c)
+            if (lane + 32 * c < hd) acc[c] = fmaf(pj, kv_load(vp + lane + 32 * c), acc[c]);
+    }
+    __shared__ float s_o[k_attn_threads / 32][k_max_head_dim];
+#pragma unroll
+    for (int c = 0; c < k_dims_per_lane; ++c)
+        if (lane + 32 * c < hd) s_o[warp][lane + 32 * c] = acc[c];
+    __syncthreads();
     for (int i = threadIdx.x; i < hd; i += k_attn_threads) {
-        float acc = 0.0f;
-        for (int j = 0; j < len; ++j) {
-            const int pos = p0 + j;
-            const int64_t slot = int64_t(table[pos / p.block_size]) * p.block_size + pos % p.block_size;
-            acc = fmaf(s_p[j], kv_load(v_cache + slot * n_kv + int64_t(kvh) * hd + i), acc);
-        }
-        my[2 + i] = acc;
+        float o = s_o[0][i];
+        for (int w = 1; w < k_attn_threads / 32; ++w) o += s_o[w][i];
+        my[2 + i] = o;
     }
 }
 

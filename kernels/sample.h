@@ -1,5 +1,7 @@
 #pragma once
-// Sampling on the device. Greedy rows are decided here; only ids come back to the host.
+// Sampling on the device, with the CPU sampler's exact rules (engine/sampler.h): only ids (and
+// requested logprobs) come back to the host.
+#include <cstddef>
 #include <cstdint>
 
 #include <cuda_runtime_api.h>
@@ -18,5 +20,42 @@ struct GreedyRowParams {
 void sample_greedy(float* logits, int64_t n_rows, int64_t n_vocab, const GreedyRowParams* params,
                    const int32_t* bias_off, const int32_t* bias_ids, const float* bias_vals, const int32_t* pen_off,
                    const int32_t* pen_ids, const int32_t* pen_counts, int32_t* out_ids, cudaStream_t stream);
+
+// Steps 4-9 for a row that is not greedy (after sample_greedy applied its bias and penalties).
+struct DistRowParams {
+    int32_t row;          // logit row this applies to
+    int32_t top_k;        // 0: off
+    float inv_temperature;  // 1.0f / t, computed on the host exactly as the CPU does
+    float top_p;          // 1: off
+    float min_p;          // 0: off
+    uint32_t pad_;
+    uint64_t seed, token_index;
+};
+
+// Top-n logprobs of a raw row (before bias and penalties) and the chosen token's logprob.
+inline constexpr int32_t k_max_device_logprobs = 20;
+struct LogprobRowParams {
+    int32_t row;  // logit row
+    int32_t n;    // 1..k_max_device_logprobs
+};
+struct LogprobOut {
+    float chosen;  // log_softmax(raw)[out_ids[row]] (-inf when no token was chosen)
+    int32_t n;
+    int32_t ids[k_max_device_logprobs];
+    float logprobs[k_max_device_logprobs];  // descending, ties by lower id
+};
+
+// Device scratch sample_rows needs.
+size_t sample_workspace_bytes(int64_t n_vocab, int64_t n_dist, int64_t n_lp);
+
+// The whole chain for n_rows rows of logits [n_rows, n_vocab]: logprobs of the listed rows
+// from the raw logits, then bias/penalties and greedy for every row (as sample_greedy), then the
+// full chain (sort, top-k, temperature, top-p, min-p, Philox draw keyed by (seed, token_index))
+// for the n_dist listed rows, whose out_ids are overwritten. dist and lp live in device memory.
+void sample_rows(float* logits, int64_t n_rows, int64_t n_vocab, const GreedyRowParams* params,
+                 const int32_t* bias_off, const int32_t* bias_ids, const float* bias_vals, const int32_t* pen_off,
+                 const int32_t* pen_ids, const int32_t* pen_counts, const DistRowParams* dist, int64_t n_dist,
+                 const LogprobRowParams* lp, int64_t n_lp, void* workspace, size_t workspace_bytes,
+                 int32_t* out_ids, LogprobOut* out_lp, cudaStream_t stream);
 
 }  // namespace coinfer::kernels

@@ -256,33 +256,35 @@ void Engine::Impl::step() {
         }
     }
     const int64_t n_vocab = model->config().n_vocab;
-    // On-device sampling when the backend offers it and every row is greedy without logprobs:
-    // only ids come back. Otherwise logits come back and the CPU sampler decides.
-    bool device_sampling = backend->samples_on_device();
-    for (const PlannedSeq& ps : plan.seqs)
-        if (ps.wants_logits) {
-            const Active& a = *active.at(ps.id);
-            device_sampling = device_sampling && a.sampler.is_greedy() && a.req.sampling.n_logprobs == 0;
-        }
+    // On-device sampling when the backend offers it: the whole chain (and any logprobs) runs
+    // there and only ids come back. Otherwise logits come back and the CPU sampler decides.
+    const bool device_sampling = backend->samples_on_device();
     std::vector<float> logits;
-    std::vector<int32_t> device_ids;
+    std::vector<DeviceSampleOut> device_out;
     try {
         if (device_sampling) {
-            std::vector<DeviceGreedyRow> rows;
+            std::vector<DeviceSampleRow> rows;
             for (const PlannedSeq& ps : plan.seqs) {
                 if (!ps.wants_logits) continue;
                 const Active& a = *active.at(ps.id);
                 const SamplingParams& sp = a.sampler.params();
-                DeviceGreedyRow r;
+                DeviceSampleRow r;
                 r.logit_bias = sp.logit_bias;
                 r.penalty_counts = a.sampler.penalty_counts();
                 r.repeat_penalty = sp.repeat_penalty;
                 r.frequency_penalty = sp.frequency_penalty;
                 r.presence_penalty = sp.presence_penalty;
+                r.temperature = sp.temperature;
+                r.top_k = sp.top_k;
+                r.top_p = sp.top_p;
+                r.min_p = sp.min_p;
+                r.seed = sp.seed;
+                r.token_index = static_cast<uint64_t>(planner->seq(ps.id).n_generated());
+                r.n_logprobs = sp.n_logprobs;
                 rows.push_back(std::move(r));
             }
-            device_ids.assign(rows.size(), -1);
-            backend->forward_greedy(batch, rows, device_ids);
+            device_out.resize(rows.size());
+            backend->forward_sample(batch, rows, device_out);
         } else {
             logits.assign(batch.logit_rows.size() * static_cast<size_t>(n_vocab), 0.0f);
             backend->forward(batch, logits);
@@ -301,8 +303,13 @@ void Engine::Impl::step() {
         if (!ps.wants_logits) continue;
         Active& a = *active.at(ps.id);
         if (device_sampling) {
+            DeviceSampleOut& o = device_out[row++];
             TokenEvent ev;
-            ev.id = device_ids[row++];
+            ev.id = o.id;
+            if (ev.id >= 0 && a.req.sampling.n_logprobs > 0) {
+                ev.logprob = o.logprob;
+                ev.top_logprobs = std::move(o.top_logprobs);
+            }
             if (ev.id >= 0) a.sampler.accept(ev.id);
             sampled.push_back(ev.id < 0 ? 0 : ev.id);
             events.push_back(std::move(ev));

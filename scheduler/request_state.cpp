@@ -54,6 +54,12 @@ void RequestState::next(NextHandler h) {
         h(ec, std::nullopt);
         return;
     }
+    if (waiter_) {
+        // One next() at a time: a second one fails rather than silently replacing the first.
+        lock.unlock();
+        h(asio::error::in_progress, std::nullopt);
+        return;
+    }
     waiter_ = std::move(h);
 }
 

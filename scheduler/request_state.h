@@ -94,7 +94,9 @@ using DoneHandler = UniqueFunction<void(std::error_code, Completion)>;
 
 // Wraps a completion handler so that calling it runs the handler on its associated executor
 // (falling back to `fallback`), keeping that executor busy until then. The handler's
-// cancellation slot is cleared just before it runs, on that executor.
+// cancellation slot is cleared just before it runs, on that executor. Always posted, never
+// dispatched: an immediate completion (a buffered token, cancel()) must not run the handler
+// inside the initiating call, as Asio requires (a callback chain would recurse per token).
 template <typename... Args, typename Handler>
 UniqueFunction<void(Args...)> bind_to_executor(Handler handler, const asio::any_io_executor& fallback) {
     auto ex = asio::get_associated_executor(handler, fallback);
@@ -102,7 +104,7 @@ UniqueFunction<void(Args...)> bind_to_executor(Handler handler, const asio::any_
     auto work = asio::make_work_guard(ex);
     return [h = std::move(handler), slot, work = std::move(work)](Args... args) mutable {
         auto ex = work.get_executor();
-        asio::dispatch(ex, [h = std::move(h), slot, work = std::move(work),
+        asio::post(ex, [h = std::move(h), slot, work = std::move(work),
                             tup = std::make_tuple(std::move(args)...)]() mutable {
             if (slot.is_connected()) slot.clear();
             std::apply([&](auto&&... a) { std::move(h)(std::move(a)...); }, std::move(tup));

@@ -415,6 +415,11 @@ asio::awaitable<void> Api::Impl::generate(Exchange& ex, GenSpec& g) {
     }
     TokenStream* s = &*stream;
     ex.on_peer_closed([s] { s->cancel(); });
+    // However this coroutine ends, the hook must not outlive the stream it points at.
+    struct PeerHookReset {
+        Exchange& e;
+        ~PeerHookReset() { e.on_peer_closed(nullptr); }
+    } peer_hook_reset{ex};
 
     const std::string id = (g.chat ? "chatcmpl-" : "cmpl-") + random_hex(rng, 24);
     const int64_t created = static_cast<int64_t>(std::time(nullptr));

@@ -1,6 +1,7 @@
 // End-to-end runs of the CUDA backend against the shared references and the CPU backend:
 // stories260K greedy ids and perplexity, quant-base logits in every weight format, GPU vs CPU
-// logits on a ragged batch, on-device greedy sampling, and batch invariance (alone vs 64).
+// logits on a ragged batch, on-device greedy sampling, batch invariance (alone vs 64), and the
+// on-device sampling chain and logprobs against the CPU Sampler on random rows.
 // Without a CUDA device every case prints SKIP and passes.
 #include <doctest/doctest.h>
 
@@ -11,7 +12,13 @@
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
+#include <random>
+
 #include "engine/generate.h"
+#include "engine/sampler.h"
+#include "kernels/cuda_check.h"
+#include "kernels/sample.h"
 #include "test_models.h"
 
 using namespace coinfer;
@@ -270,4 +277,161 @@ TEST_CASE("gpu: greedy output is the same alone and inside a batch of 64 mixed r
     }
     MESSAGE("greedy alone == in a batch of 64 for " << n_equal << "/" << n_seq << " requests (" << n_gen << " tokens each)");
     CHECK(n_equal == n_seq);
+}
+
+TEST_CASE("gpu: the on-device sampling chain picks what the CPU Sampler picks, and logprobs agree") {
+    if (!have_gpu()) return;
+    namespace kn = coinfer::kernels;
+    std::mt19937_64 rng(std::random_device{}());
+    for (const int32_t n_vocab : {512, 32000}) {
+        const int32_t n_rows = 256;
+        // Random rows: normal logits, some rounded to few values (ties), some NaN / -inf / +inf.
+        std::vector<float> logits(size_t(n_rows) * n_vocab);
+        std::normal_distribution<float> nd(0.0f, 3.0f);
+        std::uniform_real_distribution<float> ud(0.0f, 1.0f);
+        std::vector<SamplingParams> params(n_rows);
+        std::vector<std::vector<std::pair<int32_t, int32_t>>> pen(n_rows);
+        for (int32_t r = 0; r < n_rows; ++r) {
+            const int kind = r % 4;
+            for (int32_t i = 0; i < n_vocab; ++i) {
+                float v = nd(rng) * (r % 3 == 0 ? 4.0f : 1.0f);
+                if (kind == 1) v = std::round(v * 2.0f) / 2.0f;  // many exact ties
+                const float z = ud(rng);
+                if (z < 0.01f) v = NAN;
+                else if (z < 0.03f) v = -INFINITY;
+                else if (kind == 2 && z < 0.0305f) v = INFINITY;
+                logits[size_t(r) * n_vocab + i] = v;
+            }
+            if (r == 7)
+                for (int32_t i = 0; i < n_vocab; ++i) logits[size_t(r) * n_vocab + i] = -INFINITY;  // all banned
+            SamplingParams& p = params[r];
+            p.temperature = (r % 8 == 0) ? 0.0f : 0.05f + 2.0f * ud(rng);
+            p.top_k = (r % 5 == 0) ? 0 : int32_t(1 + rng() % 100);
+            p.top_p = (r % 3 == 0) ? 1.0f : 0.05f + 0.95f * ud(rng);
+            p.min_p = (r % 4 == 1) ? 0.0f : 0.2f * ud(rng);
+            if (r % 6 == 0) p.top_k = 0, p.top_p = 1.0f, p.min_p = 0.0f;  // the whole vocab
+            p.seed = rng();
+            p.repeat_penalty = (r % 2) ? 1.0f + ud(rng) : 1.0f;
+            p.frequency_penalty = (r % 3 == 1) ? ud(rng) : 0.0f;
+            p.presence_penalty = (r % 3 == 2) ? ud(rng) : 0.0f;
+            for (int j = 0; j < int(r % 4); ++j) p.logit_bias.push_back({int32_t(rng() % n_vocab), nd(rng)});
+            if (r % 9 == 3) p.logit_bias.push_back({int32_t(rng() % n_vocab), -INFINITY});
+            p.n_logprobs = (r % 7 == 0) ? int32_t(1 + rng() % 20) : 0;
+        }
+        // CPU reference, with penalty windows fed through accept().
+        std::vector<int32_t> want(n_rows);
+        std::vector<uint64_t> token_index(n_rows);
+        std::vector<std::vector<TokenLogprob>> want_lp(n_rows);
+        std::vector<Sampler> samplers;
+        for (int32_t r = 0; r < n_rows; ++r) {
+            samplers.emplace_back(params[r]);
+            for (int j = 0; j < 40; ++j) samplers[r].accept(int32_t(rng() % 64));
+            pen[r] = samplers[r].penalty_counts();
+            token_index[r] = rng() % 1000;
+            std::vector<float> row(logits.begin() + size_t(r) * n_vocab, logits.begin() + size_t(r + 1) * n_vocab);
+            if (params[r].n_logprobs) want_lp[r] = top_logprobs(row.data(), n_vocab, params[r].n_logprobs);
+            try {
+                want[r] = samplers[r].sample(row, token_index[r]);
+            } catch (const Error&) {
+                want[r] = -1;
+            }
+        }
+        // Device inputs, as the CUDA backend packs them.
+        std::vector<kn::GreedyRowParams> gp(n_rows);
+        std::vector<int32_t> bias_off{0}, bias_ids, pen_off{0}, pen_ids, pen_counts;
+        std::vector<float> bias_vals;
+        std::vector<kn::DistRowParams> dist;
+        std::vector<kn::LogprobRowParams> lp;
+        for (int32_t r = 0; r < n_rows; ++r) {
+            const SamplingParams& p = params[r];
+            gp[r] = {p.repeat_penalty, p.frequency_penalty, p.presence_penalty};
+            for (auto [id, b] : p.logit_bias) bias_ids.push_back(id), bias_vals.push_back(b);
+            bias_off.push_back(int32_t(bias_ids.size()));
+            for (auto [id, c] : pen[r]) pen_ids.push_back(id), pen_counts.push_back(c);
+            pen_off.push_back(int32_t(pen_ids.size()));
+            if (p.temperature >= SamplingParams::k_greedy_temperature) {
+                kn::DistRowParams d{};
+                d.row = r;
+                d.top_k = p.top_k;
+                d.inv_temperature = 1.0f / p.temperature;
+                d.top_p = p.top_p;
+                d.min_p = p.min_p;
+                d.seed = p.seed;
+                d.token_index = token_index[r];
+                dist.push_back(d);
+            }
+            if (p.n_logprobs) lp.push_back({r, p.n_logprobs});
+        }
+        auto up = [](const auto& v) {
+            void* d = nullptr;
+            const size_t bytes = std::max<size_t>(1, v.size() * sizeof(v[0]));
+            CUDA_CHECK(cudaMalloc(&d, bytes));
+            if (!v.empty()) CUDA_CHECK(cudaMemcpy(d, v.data(), v.size() * sizeof(v[0]), cudaMemcpyHostToDevice));
+            return d;
+        };
+        std::vector<void*> owned;
+        auto U = [&](const auto& v) {
+            owned.push_back(up(v));
+            return owned.back();
+        };
+        auto* d_logits = static_cast<float*>(U(logits));
+        const size_t ws_bytes = kn::sample_workspace_bytes(n_vocab, int64_t(dist.size()), int64_t(lp.size()));
+        void* ws = nullptr;
+        CUDA_CHECK(cudaMalloc(&ws, ws_bytes));
+        owned.push_back(ws);
+        std::vector<int32_t> got(n_rows, -2);
+        std::vector<kn::LogprobOut> got_lp(lp.size());
+        auto* d_ids = static_cast<int32_t*>(U(got));
+        auto* d_lp = static_cast<kn::LogprobOut*>(U(got_lp));
+        kn::sample_rows(d_logits, n_rows, n_vocab, static_cast<kn::GreedyRowParams*>(U(gp)),
+                        static_cast<int32_t*>(U(bias_off)), static_cast<int32_t*>(U(bias_ids)),
+                        static_cast<float*>(U(bias_vals)), static_cast<int32_t*>(U(pen_off)),
+                        static_cast<int32_t*>(U(pen_ids)), static_cast<int32_t*>(U(pen_counts)),
+                        static_cast<kn::DistRowParams*>(U(dist)), int64_t(dist.size()),
+                        static_cast<kn::LogprobRowParams*>(U(lp)), int64_t(lp.size()), ws, ws_bytes, d_ids, d_lp,
+                        nullptr);
+        CUDA_CHECK(cudaMemcpy(got.data(), d_ids, got.size() * 4, cudaMemcpyDeviceToHost));
+        CUDA_CHECK(cudaMemcpy(got_lp.data(), d_lp, got_lp.size() * sizeof(kn::LogprobOut), cudaMemcpyDeviceToHost));
+        for (void* p : owned) cudaFree(p);
+        int n_mismatch = 0;
+        for (int32_t r = 0; r < n_rows; ++r)
+            if (got[r] != want[r]) {
+                if (++n_mismatch <= 5)
+                    MESSAGE("row " << r << ": gpu " << got[r] << " cpu " << want[r] << " t " << params[r].temperature
+                                   << " k " << params[r].top_k << " p " << params[r].top_p << " minp " << params[r].min_p);
+            }
+        int n_lp_mismatch = 0;
+        float lp_err = 0.0f;
+        int n_lp_skipped = 0;
+        for (size_t j = 0; j < lp.size(); ++j) {
+            const int32_t r = lp[j].row;
+            const auto& w = want_lp[r];
+            // A +inf logit makes log_softmax NaN everywhere (inf - inf): no order to compare.
+            if (std::any_of(logits.begin() + size_t(r) * n_vocab, logits.begin() + size_t(r + 1) * n_vocab,
+                            [](float v) { return v == INFINITY; })) {
+                ++n_lp_skipped;
+                continue;
+            }
+            if (got_lp[j].n != int32_t(w.size())) {
+                ++n_lp_mismatch;
+                continue;
+            }
+            for (size_t t = 0; t < w.size(); ++t) {
+                if (got_lp[j].ids[t] != w[t].id) ++n_lp_mismatch;
+                if (std::isfinite(w[t].logprob)) lp_err = std::max(lp_err, std::abs(got_lp[j].logprobs[t] - w[t].logprob));
+            }
+            if (want[r] >= 0) {
+                std::vector<float> row(logits.begin() + size_t(r) * n_vocab, logits.begin() + size_t(r + 1) * n_vocab);
+                const float cl = token_logprob(row.data(), n_vocab, want[r]);
+                if (std::isfinite(cl)) lp_err = std::max(lp_err, std::abs(got_lp[j].chosen - cl));
+            }
+        }
+        MESSAGE("sampling n_vocab " << n_vocab << ": " << n_rows << " rows (" << dist.size() << " full chain, "
+                                    << lp.size() << " with logprobs, " << n_lp_skipped << " of them with +inf skipped): "
+                                    << n_mismatch << " mismatches; top-logprob id mismatches " << n_lp_mismatch << ", max |logprob diff| " << lp_err);
+        CHECK(n_mismatch == 0);
+        CHECK(n_lp_mismatch == 0);
+        // The CPU sums exp() serially in float over the whole row: its error grows with n_vocab.
+        CHECK(lp_err < 1e-3f);
+    }
 }

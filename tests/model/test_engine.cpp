@@ -1,8 +1,12 @@
-// The async engine on stories260K (CPU backend): many concurrent requests, preemption,
-// cancellation, prefix caching, submission from many threads, and the completion-token forms.
+// The async engine on stories260K: many concurrent requests, preemption, cancellation, prefix
+// caching, submission from many threads, and the completion-token forms. The engine runs on
+// COINFER_TEST_DEVICE (default cpu; cuda on the device machine). Expected greedy ids come from
+// the CPU reference path, or from the engine's own device run alone when COINFER_TEST_REF_DEVICE
+// names it (F16 KV on the GPU may legitimately leave the CPU's greedy chain).
 #include <doctest/doctest.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <map>
 #include <random>
 #include <thread>
@@ -54,7 +58,8 @@ const std::vector<TokenId>& reference(const std::vector<TokenId>& prompt_ids) {
     auto model = stories();
     BackendOptions bo;
     bo.n_blocks = 16;
-    auto backend = make_cpu_backend(model, bo);
+    const char* ref_dev = std::getenv("COINFER_TEST_REF_DEVICE");
+    auto backend = ref_dev && std::string(ref_dev) == "cuda" ? make_cuda_backend(model, bo) : make_cpu_backend(model, bo);
     KvBlockPool pool(backend->n_blocks(), backend->block_size());
     GenerateOptions g;
     g.max_tokens = 64;
@@ -71,7 +76,8 @@ std::vector<TokenId> expected(const std::vector<TokenId>& prompt_ids, int32_t ma
 EngineOptions options(int32_t n_blocks = 1024) {
     EngineOptions o;
     o.loaded = stories();
-    o.device = "cpu";
+    const char* dev = std::getenv("COINFER_TEST_DEVICE");
+    o.device = dev && *dev ? dev : "cpu";
     o.backend.n_blocks = n_blocks;
     o.planner.max_batch_tokens = 512;
     o.planner.max_seqs = 256;
@@ -111,6 +117,7 @@ void run_many(Engine& engine, asio::io_context& io, int n, uint32_t seed) {
 }  // namespace
 
 TEST_CASE("1,000 concurrent greedy requests each give the ids of the request run alone") {
+    MESSAGE("engine device: " << options().device);
     if (!stories()) return;
     asio::io_context io;
     Engine engine(io.get_executor(), options());
@@ -424,4 +431,55 @@ TEST_CASE("sampled requests are reproducible per seed whatever the batch company
     CHECK(alone.size() > 0);
     CHECK(run(7) == alone);
     CHECK(run(50) == alone);
+}
+
+TEST_CASE("a next() or cancel() that completes at once never runs the handler inside the initiating call") {
+    // Asio's rule for immediate completions: the handler runs as if posted, never from within
+    // async_next() or cancel() (a callback that asks for the next token would otherwise recurse
+    // once per buffered token).
+    if (!stories()) return;
+    asio::io_context io;
+    Engine engine(io.get_executor(), options());
+    Request req = greedy("Once upon a time", 200);
+    req.ignore_eos = true;
+    TokenStream done = engine.generate(req);
+    for (int i = 0; i < 1000 && done.finish_reason() == FINISH_REASON_NONE; ++i)
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    REQUIRE(done.finish_reason() == FINISH_REASON_LENGTH);  // every token is buffered now
+    int depth = 0, max_depth = 0, n_tokens = 0;
+    bool inline_call = false;
+    std::function<void()> pull = [&] {
+        auto returned = std::make_shared<bool>(false);
+        done.async_next([&, returned](std::error_code ec, std::optional<TokenEvent> ev) {
+            if (!*returned) inline_call = true;
+            ++depth;
+            max_depth = std::max(max_depth, depth);
+            if (!ec && ev) {
+                ++n_tokens;
+                pull();
+            }
+            --depth;
+        });
+        *returned = true;
+    };
+    asio::post(io, pull);
+    // cancel() of a stream with a waiting next(): the handler also runs later, not inside cancel().
+    TokenStream waiting = engine.generate(req);
+    bool cancel_inline = false, cancel_done = false;
+    asio::post(io, [&] {
+        auto returned = std::make_shared<bool>(false);
+        waiting.async_next([&, returned](std::error_code, std::optional<TokenEvent>) {
+            if (!*returned) cancel_inline = true;
+            cancel_done = true;
+        });
+        // The first token may already be there; if not, cancel() aborts the waiting next().
+        waiting.cancel();
+        *returned = true;
+    });
+    io.run();
+    CHECK(n_tokens == 200);
+    CHECK_FALSE(inline_call);
+    CHECK(max_depth == 1);
+    CHECK(cancel_done);
+    CHECK_FALSE(cancel_inline);
 }
