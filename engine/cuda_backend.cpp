@@ -307,7 +307,8 @@ CudaBackend::CudaBackend(std::shared_ptr<const Model> model, const BackendOption
 
     // Dequantize-to-F32 tile for the cuBLAS path: up to 64 Mi floats (256 MiB).
     mm_.cublas = cublas_;
-    mm_.gemm_min_rows = env_int("COINFER_CUDA_GEMM_MIN_ROWS", 257);
+    // GEMV up to 8 rows, cuBLAS from 9 (measured crossover); never cuBLAS when batch-invariant.
+    mm_.gemm_min_rows = env_int("COINFER_CUDA_GEMM_MIN_ROWS", opt_.batch_invariant ? (1 << 30) : 9);
     int64_t max_w = 0;
     for (const DevLayer& d : layers_)
         for (const DevWeight* dw : {&d.wq, &d.wk, &d.wv, &d.wo, &d.w_gate, &d.w_up, &d.w_down})

@@ -39,6 +39,7 @@ struct Options {
     std::string device = "auto";
     int32_t n_threads = 1;
     int32_t kv_blocks = 0;
+    bool batch_invariant = false;
     int32_t max_batch_tokens = 2048;
     int32_t max_seqs = 256;
     uint64_t seed = 42;
@@ -283,6 +284,7 @@ json run_serve(const ServeOptions& so, const Options& o, std::shared_ptr<const M
     eo.loaded = model;
     eo.device = o.device;
     eo.backend.n_blocks = o.kv_blocks;
+    eo.backend.batch_invariant = o.batch_invariant;
     // The CPU backend's own default pool is small; size it so the concurrency fits (no preemption
     // unless asked for with --kv-blocks). A GPU backend sizes its pool from free memory.
     const bool on_cpu = o.device == "cpu" || (o.device == "auto" && !cuda_device_available());
@@ -475,6 +477,7 @@ json run_batched(const BatchedOptions& bopt, const Options& o, std::shared_ptr<c
     bo.n_threads = o.n_threads;
     const int32_t blocks_per_seq = static_cast<int32_t>((pp + tg + bo.block_size - 1) / bo.block_size);
     bo.n_blocks = o.kv_blocks > 0 ? o.kv_blocks : max_b * blocks_per_seq + 1;  // +1: the warm-up
+    bo.batch_invariant = o.batch_invariant;
     auto backend = open_backend(o, model, bo);
     const std::string backend_name = backend->name();
     KvBlockPool pool(backend->n_blocks(), backend->block_size());
@@ -628,6 +631,7 @@ int cmd_bench(Args& args) {
             "  --device cpu|cuda|auto     (default auto: cuda when present)\n"
             "  -t, --threads N            CPU threads (default 1)\n"
             "  --kv-blocks N              KV pool blocks (default: just enough on cpu; from free memory on cuda)\n"
+            "  --batch-invariant          cuda: GEMV kernels only, same bits in any batch (slower)\n"
             "  --max-batch-tokens N       tokens per forward pass (default 2048)\n"
             "  --max-seqs N               sequences per step, serve (default 256)\n"
             "  --seed S                   prompt tokens and lengths (default 42)\n"
@@ -669,6 +673,7 @@ int cmd_bench(Args& args) {
     if (!(o.temperature >= 0 && std::isfinite(o.temperature))) throw UsageError("--temp must be >= 0");
     o.n_threads = static_cast<int32_t>(threads);
     o.kv_blocks = static_cast<int32_t>(kv_blocks);
+    o.batch_invariant = args.flag("--batch-invariant");
     o.max_batch_tokens = static_cast<int32_t>(mbt);
     o.max_seqs = static_cast<int32_t>(max_seqs);
     ServeOptions so;

@@ -41,7 +41,8 @@ int cmd_serve(Args& args) {
             "  -t, --threads N          CPU threads (default 1)\n"
             "  --max-batch-tokens N     tokens per engine step (default 2048)\n"
             "  --max-seqs N             sequences per engine step (default 256)\n"
-            "  --kv-blocks N            KV cache blocks (default: the backend's choice)\n");
+            "  --kv-blocks N            KV cache blocks (default: the backend's choice)\n"
+            "  --batch-invariant        cuda: same bits alone or in any batch (slower big batches)\n");
         return 0;
     }
     auto model_path = args.value("--model", "-m");
@@ -69,6 +70,7 @@ int cmd_serve(Args& args) {
     eopt.max_waiting = static_cast<int32_t>(int_in(args, "--max-waiting", 1024, 1, 1 << 24));
     eopt.backend.n_threads = static_cast<int32_t>(int_in(args, "--threads", 1, 1, 256, "-t"));
     eopt.backend.n_blocks = static_cast<int32_t>(int_in(args, "--kv-blocks", 0, 0, 1 << 24));
+    eopt.backend.batch_invariant = args.flag("--batch-invariant");
     eopt.planner.max_batch_tokens = static_cast<int32_t>(int_in(args, "--max-batch-tokens", 2048, 1, 1 << 20));
     eopt.planner.max_seqs = static_cast<int32_t>(int_in(args, "--max-seqs", 256, 1, 1 << 16));
     eopt.n_ctx = static_cast<int32_t>(int_in(args, "--ctx-size", 0, 0, 1 << 24, "-c"));

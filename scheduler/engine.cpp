@@ -58,7 +58,9 @@ struct Engine::Impl {
 
     void run();
     void admit(std::unique_ptr<Prepared> p);
+    void admit_or_fail(std::unique_ptr<Prepared> p);
     void step();
+    void run_plan(const StepPlan& plan);
     void finish(SeqId id, FinishReason reason, std::error_code ec = {}, std::string message = {});
     void publish_stats(const StepPlan* plan);
 };
@@ -90,6 +92,10 @@ Engine::~Engine() {
     impl_->stopping.store(true);
     impl_->queue.enqueue(nullptr);  // wakes an idle loop
     impl_->thread.join();
+    // A submission that raced with shutdown past the loop's last drain still has to hear.
+    std::unique_ptr<Prepared> p;
+    while (impl_->queue.try_dequeue(p))
+        if (p) p->state->finish(FINISH_REASON_ERROR, EngineErrc::stopped, "engine stopped", 0);
 }
 
 const Model& Engine::model() const { return *impl_->model; }
@@ -171,6 +177,19 @@ void Engine::Impl::admit(std::unique_ptr<Prepared> p) {
     active.emplace(id, std::move(a));
 }
 
+void Engine::Impl::admit_or_fail(std::unique_ptr<Prepared> p) {
+    auto state = p->state;
+    try {
+        admit(std::move(p));
+    } catch (const std::exception& e) {
+        // Only this request fails.
+        planner->finish(state->id());
+        active.erase(state->id());
+        n_not_started.fetch_sub(1);
+        state->finish(FINISH_REASON_ERROR, EngineErrc::backend_failed, e.what(), 0);
+    }
+}
+
 void Engine::Impl::finish(SeqId id, FinishReason reason, std::error_code ec, std::string message) {
     auto it = active.find(id);
     if (it == active.end()) return;
@@ -199,7 +218,7 @@ void Engine::Impl::run() {
         bool got = planner->idle() ? queue.wait_dequeue_timed(p, std::chrono::milliseconds(200))
                                    : queue.try_dequeue(p);
         while (got) {
-            if (p) admit(std::move(p));
+            if (p) admit_or_fail(std::move(p));
             got = queue.try_dequeue(p);
         }
         if (stopping.load()) break;
@@ -216,7 +235,7 @@ void Engine::Impl::run() {
     }
     // Shutting down: everything unfinished ends with `stopped`.
     while (queue.try_dequeue(p))
-        if (p) admit(std::move(p));
+        if (p) admit_or_fail(std::move(p));
     std::vector<SeqId> ids;
     for (auto& [id, a] : active) ids.push_back(id);
     for (SeqId id : ids) finish(id, FINISH_REASON_ERROR, EngineErrc::stopped, "engine stopped");
@@ -224,22 +243,25 @@ void Engine::Impl::run() {
 
 void Engine::Impl::step() {
     StepPlan plan = planner->schedule();
-    for (SeqId id : plan.rejected) {
-        // The planner already dropped it; the request still has to hear why.
-        auto it = active.find(id);
-        if (it == active.end()) continue;
-        Active& a = *it->second;
-        if (!a.started) n_not_started.fetch_sub(1);
-        a.state->finish(FINISH_REASON_ERROR, EngineErrc::too_long,
-                        fmt::format("the request needs more KV blocks than the pool's {}", pool->n_blocks()),
-                        seconds_between(a.submitted, Clock::now()));
-        active.erase(it);
-    }
+    // The planner already dropped these; the requests still have to hear why.
+    for (SeqId id : plan.rejected)
+        finish(id, FINISH_REASON_ERROR, EngineErrc::too_long,
+               fmt::format("the request needs more KV blocks than the pool's {}", pool->n_blocks()));
     if (plan.empty()) {
         publish_stats(&plan);
         return;
     }
+    try {
+        run_plan(plan);
+    } catch (const std::exception& e) {
+        // Whatever failed (the forward pass, an allocation, a bad id from the device) fails the
+        // requests of this step, never the engine or the others.
+        for (const PlannedSeq& ps : plan.seqs) finish(ps.id, FINISH_REASON_ERROR, EngineErrc::backend_failed, e.what());
+        publish_stats(&plan);
+    }
+}
 
+void Engine::Impl::run_plan(const StepPlan& plan) {
     Batch batch;
     int64_t n_prompt_tokens = 0;
     for (const PlannedSeq& ps : plan.seqs) {
@@ -261,7 +283,7 @@ void Engine::Impl::step() {
     const bool device_sampling = backend->samples_on_device();
     std::vector<float> logits;
     std::vector<DeviceSampleOut> device_out;
-    try {
+    {
         if (device_sampling) {
             std::vector<DeviceSampleRow> rows;
             for (const PlannedSeq& ps : plan.seqs) {
@@ -289,10 +311,6 @@ void Engine::Impl::step() {
             logits.assign(batch.logit_rows.size() * static_cast<size_t>(n_vocab), 0.0f);
             backend->forward(batch, logits);
         }
-    } catch (const std::exception& e) {
-        // A failed pass fails the requests in it, not the engine.
-        for (const PlannedSeq& ps : plan.seqs) finish(ps.id, FINISH_REASON_ERROR, EngineErrc::backend_failed, e.what());
-        return;
     }
 
     // Sample each sequence that reached its end, in plan order.
@@ -305,7 +323,7 @@ void Engine::Impl::step() {
         if (device_sampling) {
             DeviceSampleOut& o = device_out[row++];
             TokenEvent ev;
-            ev.id = o.id;
+            ev.id = o.id < n_vocab ? o.id : -1;
             if (ev.id >= 0 && a.req.sampling.n_logprobs > 0) {
                 ev.logprob = o.logprob;
                 ev.top_logprobs = std::move(o.top_logprobs);

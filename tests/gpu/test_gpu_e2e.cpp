@@ -55,6 +55,7 @@ float max_abs_diff(std::span<const float> a, std::span<const float> b) {
 std::unique_ptr<Backend> cuda(std::shared_ptr<const Model> m, int32_t n_blocks = 1024) {
     BackendOptions opt;
     opt.n_blocks = n_blocks;
+    opt.batch_invariant = true;  // these tests compare runs alone with runs in a batch
     return make_cuda_backend(std::move(m), opt);
 }
 

@@ -79,6 +79,7 @@ EngineOptions options(int32_t n_blocks = 1024) {
     const char* dev = std::getenv("COINFER_TEST_DEVICE");
     o.device = dev && *dev ? dev : "cpu";
     o.backend.n_blocks = n_blocks;
+    o.backend.batch_invariant = true;  // outputs are compared with requests run alone
     o.planner.max_batch_tokens = 512;
     o.planner.max_seqs = 256;
     return o;
@@ -482,4 +483,19 @@ TEST_CASE("a next() or cancel() that completes at once never runs the handler in
     CHECK(max_depth == 1);
     CHECK(cancel_done);
     CHECK_FALSE(cancel_inline);
+}
+
+TEST_CASE("a request larger than the whole KV pool fails with too_long and is counted as finished") {
+    if (!stories()) return;
+    asio::io_context io;
+    EngineOptions o = options(4);  // 64 tokens of KV in all
+    Engine engine(io.get_executor(), o);
+    std::error_code got;
+    Request r = greedy(std::string(400, 'a'), 8);
+    engine.async_complete(r, [&](std::error_code ec, Completion) { got = ec; });
+    io.run();
+    CHECK(got == EngineErrc::too_long);
+    auto st = engine.stats();
+    CHECK(st.n_requests_finished == 1);
+    CHECK(st.kv_blocks_free == 4);
 }
