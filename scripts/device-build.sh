@@ -5,7 +5,7 @@
 # by nvcc (the kernels library is CUDA), so the static-libstdc++ flags go in cuda_link_args.
 # Then stages them with the test models in $STAGE (default devrun/; add it to
 # .git/info/exclude if .gitignore does not cover it) for `run` with carry: ["$STAGE"].
-#   BUILD=build-device STAGE=devrun MODELS=quant GZIP=1 scripts/device-build.sh
+#   BUILD=build-device STAGE=devrun MODELS=quant COMPRESS=1 scripts/device-build.sh
 # MODELS=quant (default) also stages the quant-base files; MODELS=small only stories260K.
 set -eu
 cd "$(dirname "$0")/.."
@@ -36,7 +36,7 @@ if [ "${MODELS:-quant}" = quant ]; then
   done
   cp "$M/quant/logits/F32.json" "$STAGE/models/quant/logits/"
 fi
-# GZIP=1: gzip the binaries (19 MB -> ~5 MB each) to stay under the 64 MiB carry; the device
+# COMPRESS=1: gzip the binaries (19 MB -> ~5 MB each) to stay under the 64 MiB carry; the device
 # command then starts with `gunzip $STAGE/bin/*.gz && chmod +x $STAGE/bin/*`.
-if [ "${GZIP:-0}" = 1 ]; then gzip -6 "$STAGE"/bin/*; fi
+if [ "${COMPRESS:-0}" = 1 ]; then env -u GZIP gzip -6 "$STAGE"/bin/*; fi
 du -sh "$STAGE"
