@@ -8,7 +8,7 @@
 #include <deque>
 #include <unordered_map>
 
-#include "engine/philox.h"
+#include "kernels/philox.h"
 #include "io/error.h"
 
 namespace coinfer {

@@ -31,7 +31,7 @@
 // All arithmetic is IEEE float with one rounding per written operation and no fused
 // multiply-add (engine/ is built with -ffp-contract=off; CUDA code must use __fmul_rn/__fadd_rn
 // or equivalent): c*freq + presence is a product then a sum. All sums run left to right;
-// det_expf (engine/philox.h) is the one exp. No stage divides by S: nothing is normalised.
+// det_expf (kernels/philox.h) is the one exp. No stage divides by S: nothing is normalised.
 // Checked on an H100: det_expf and philox_uniform give the same bits on host and device.
 //
 // If no token survives steps 1-2 (everything NaN or -inf), sample() throws coinfer::Error.

@@ -14,7 +14,7 @@
 
 #include <cub/device/device_segmented_radix_sort.cuh>
 
-#include "../engine/philox.h"  // header-only Philox and det_expf, shared bit-for-bit with the CPU
+#include "philox.h"  // header-only Philox and det_expf, shared bit-for-bit with the CPU sampler
 #include "cuda_check.h"
 #include "sample.h"
 

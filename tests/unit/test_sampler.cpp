@@ -7,7 +7,7 @@
 #include <limits>
 #include <vector>
 
-#include "engine/philox.h"
+#include "kernels/philox.h"
 #include "engine/sampler.h"
 #include "io/error.h"
 
