@@ -8,6 +8,8 @@
 #include <cstdio>
 #include <cstring>
 
+#include <unistd.h>
+
 #include "backend.h"
 
 #if COINFER_HAVE_CUDA
@@ -261,6 +263,18 @@ CudaBackend::CudaBackend(std::shared_ptr<const Model> model, const BackendOption
     CUBLAS_CHECK(cublasSetMathMode(cublas_, CUBLAS_DEFAULT_MATH));  // FP32 accumulate, no TF32
 
     const ModelWeights& w = model_->weights();
+    // A progress line for models big enough to take a moment (rewritten in place on a terminal).
+    uint64_t total_bytes = 0;
+    for (const auto& t : model_->file().tensors()) total_bytes += t.n_bytes;
+    const bool show_progress = total_bytes >= (uint64_t(1) << 30);
+    const bool tty = show_progress && isatty(fileno(stderr));
+    auto progress = [&](size_t done) {
+        if (!show_progress || (!tty && done != w.layers.size())) return;
+        std::fprintf(stderr, "%scuda: uploading weights, layer %zu/%zu (%.1f GiB)%s", tty ? "\r" : "", done,
+                     w.layers.size(), double(total_bytes) / double(uint64_t(1) << 30),
+                     done == w.layers.size() || !tty ? "\n" : "");
+        std::fflush(stderr);
+    };
     token_embd_ = upload(w.token_embd, "token_embd");
     output_ = w.output.data == w.token_embd.data ? token_embd_ : upload(w.output, "output");
     output_norm_ = upload_floats(w.output_norm, "output_norm");
@@ -288,6 +302,7 @@ CudaBackend::CudaBackend(std::shared_ptr<const Model> model, const BackendOption
         }
         d.w_down = upload(L.w_down, "ffn_down");
         layers_.push_back(d);
+        progress(l + 1);
     }
     // RoPE frequencies exactly as the CPU backend builds them.
     {
