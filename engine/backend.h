@@ -68,6 +68,17 @@ public:
     // The same for every sampling chain: out[i] for logit_rows[i], choices equal to Sampler's.
     virtual void forward_sample(const Batch& batch, std::span<const DeviceSampleRow> rows,
                                 std::span<DeviceSampleOut> out);
+    // forward_sample in two halves, so that the host can plan the next step while the device
+    // runs this one: launch_sample() queues the pass and the sampling and returns at once;
+    // wait_sample() blocks until both are done and fills out[i] for logit_rows[i]. One step at a
+    // time; `batch` and `rows` must stay alive until wait_sample returns. Errors may surface from
+    // either call. The default runs the whole forward_sample inside wait_sample.
+    virtual void launch_sample(const Batch& batch, std::span<const DeviceSampleRow> rows);
+    virtual void wait_sample(std::span<DeviceSampleOut> out);
+
+private:
+    const Batch* pending_batch_ = nullptr;  // the default launch/wait pair
+    std::span<const DeviceSampleRow> pending_rows_;
 };
 
 std::unique_ptr<Backend> make_cpu_backend(std::shared_ptr<const Model> model, const BackendOptions& opt);

@@ -1,11 +1,21 @@
-// Paged attention, flash-decoding style.
+// Paged attention, flash-decoding style. Two kernels, chosen by the model's GQA group size
+// G = n_head / n_head_kv (so a token's result never depends on its batch):
+// G >= 4: one CUDA block per (token, KV head, split):
 //
-//   split_kernel  grid (token, head, split): scores of up to k_attention_split positions in
-//                 shared memory, FP32 max / exp / sum, partial output. Writes (m, l, o[hd]).
-//   merge_kernel  grid (token, head): out = sum_s o_s e^(m_s - M) / sum_s l_s e^(m_s - M).
-// GQA: query head h reads KV head h / (n_head / n_head_kv). The split size is fixed, so a
-// token's result does not depend on its batch.
+//   split_kernel  The block serves the whole GQA group of its KV head: each K/V row is read from
+//                 the cache once for the group's n_head / n_head_kv query heads. It walks its
+//                 split in tiles of k_attn_tile positions (K and V staged in shared memory as
+//                 F32), with an FP32 online softmax per head. A token whose context fits one
+//                 split writes its output directly; otherwise each split writes (m, l, o[hd]).
+//   merge_kernel  grid (token, head), tokens with several splits only:
+//                 out = sum_s o_s e^(m_s - M) / sum_s l_s e^(m_s - M).
+// G < 4: head_split_kernel / head_merge_kernel, one block per (token, query head, split of 256
+// positions), K/V read straight from the cache.
+// Split sizes depend only on the token's own context length (at most k_attn_max_splits splits
+// of whole tiles), never on the batch, so a token's result does not depend on its batch.
 #include <cuda_fp16.h>
+
+#include <algorithm>
 
 #include "attention.h"
 #include "cuda_check.h"
@@ -15,7 +25,266 @@ namespace coinfer::kernels {
 namespace {
 
 constexpr int k_attn_threads = 128;
+constexpr int k_attn_tile = 64;        // positions per shared-memory tile
+constexpr int k_attn_max_splits = 16;  // splits per token at most
 constexpr int k_max_head_dim = 256;
+
+// Tiles per split for a context of n_ctx positions.
+__host__ __device__ inline int tiles_per_split(int n_ctx) {
+    const int n_tiles = (n_ctx + k_attn_tile - 1) / k_attn_tile;
+    return (n_tiles + k_attn_max_splits - 1) / k_attn_max_splits;
+}
+
+__host__ __device__ inline int n_splits_for(int n_ctx) {
+    const int n_tiles = (n_ctx + k_attn_tile - 1) / k_attn_tile, per = tiles_per_split(n_ctx);
+    return (n_tiles + per - 1) / per;
+}
+
+// q's share of shared memory, rounded to whole 16-byte vectors so the tiles after it stay aligned.
+__host__ __device__ inline int q_floats(int group, int hd) { return (group * hd + 3) / 4 * 4; }
+
+__host__ __device__ inline size_t smem_floats(int group, int hd) {
+    // q [G][hd] | K tile [T][hd + 4] (padded: 16-byte rows, and the float4 reads of 8 threads
+    // of consecutive rows fall in distinct banks) | V tile [T][hd] | p [G][T] | m, l, rescale [3][G]
+    return q_floats(group, hd) + size_t(k_attn_tile) * (hd + 4) + size_t(k_attn_tile) * hd +
+           size_t(group) * k_attn_tile + 3 * size_t(group);
+}
+
+template <typename KV>
+__device__ __forceinline__ void load_row(const KV* __restrict__ src, float* __restrict__ dst, int hd, int tid,
+                                         int stride_threads) {
+    for (int i = tid; i < hd; i += stride_threads) {
+        if constexpr (sizeof(KV) == 2) dst[i] = __half2float(src[i]);
+        else dst[i] = src[i];
+    }
+}
+
+// Stages rows [p0, p0 + len) of one KV head into sk (padded) and sv.
+template <typename KV>
+__device__ __forceinline__ void load_tile(const KV* __restrict__ k_cache, const KV* __restrict__ v_cache,
+                                          const int32_t* __restrict__ table, int block_size, int64_t n_kv,
+                                          int64_t head_off, int hd, int p0, int len, float* sk, float* sv) {
+    constexpr int E = 16 / sizeof(KV);  // elements per 16-byte vector
+    if (hd % E == 0) {
+        const int vec_per_row = hd / E;
+        for (int idx = threadIdx.x; idx < len * vec_per_row; idx += k_attn_threads) {
+            const int j = idx / vec_per_row, c = idx % vec_per_row;
+            const int pos = p0 + j;
+            const int64_t slot = int64_t(table[pos / block_size]) * block_size + pos % block_size;
+            const int64_t off = slot * n_kv + head_off + int64_t(c) * E;
+            const uint4 kr = *reinterpret_cast<const uint4*>(k_cache + off);
+            const uint4 vr = *reinterpret_cast<const uint4*>(v_cache + off);
+            float kf[E], vf[E];
+            if constexpr (sizeof(KV) == 2) {
+                const uint32_t ku[4] = {kr.x, kr.y, kr.z, kr.w}, vu[4] = {vr.x, vr.y, vr.z, vr.w};
+#pragma unroll
+                for (int u = 0; u < 4; ++u) {
+                    const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&ku[u]));
+                    const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&vu[u]));
+                    kf[2 * u] = a.x;
+                    kf[2 * u + 1] = a.y;
+                    vf[2 * u] = b.x;
+                    vf[2 * u + 1] = b.y;
+                }
+            } else {
+                kf[0] = __uint_as_float(kr.x); kf[1] = __uint_as_float(kr.y);
+                kf[2] = __uint_as_float(kr.z); kf[3] = __uint_as_float(kr.w);
+                vf[0] = __uint_as_float(vr.x); vf[1] = __uint_as_float(vr.y);
+                vf[2] = __uint_as_float(vr.z); vf[3] = __uint_as_float(vr.w);
+            }
+            float* kd = sk + j * (hd + 4) + c * E;
+            float* vd = sv + j * hd + c * E;
+#pragma unroll
+            for (int e = 0; e < E; ++e) {
+                kd[e] = kf[e];
+                vd[e] = vf[e];
+            }
+        }
+    } else {
+        // Odd head sizes: one element per thread.
+        for (int idx = threadIdx.x; idx < len * hd; idx += k_attn_threads) {
+            const int j = idx / hd, i = idx % hd;
+            const int pos = p0 + j;
+            const int64_t slot = int64_t(table[pos / block_size]) * block_size + pos % block_size;
+            const int64_t off = slot * n_kv + head_off + i;
+            if constexpr (sizeof(KV) == 2) {
+                sk[j * (hd + 4) + i] = __half2float(k_cache[off]);
+                sv[j * hd + i] = __half2float(v_cache[off]);
+            } else {
+                sk[j * (hd + 4) + i] = k_cache[off];
+                sv[j * hd + i] = v_cache[off];
+            }
+        }
+    }
+}
+
+// HD: the head size when known at compile time (unrolled, float4 shared-memory reads), 0: any.
+template <typename KV, int HD>
+__global__ void __launch_bounds__(k_attn_threads)
+split_kernel(AttentionParams p, const float* __restrict__ q, int64_t q_stride, const KV* __restrict__ k_cache,
+             const KV* __restrict__ v_cache, const int32_t* __restrict__ positions, const int32_t* __restrict__ seq,
+             const int32_t* __restrict__ block_tables, int32_t table_stride, int32_t max_splits,
+             float* __restrict__ part, float* __restrict__ out) {
+    const int64_t t = blockIdx.x;
+    const int g = blockIdx.y, sp = blockIdx.z;
+    const int hd = HD > 0 ? HD : p.head_dim, G = p.n_head / p.n_head_kv;
+    const int n_ctx = positions[t] + 1;
+    const int n_sp = n_splits_for(n_ctx);
+    if (sp >= n_sp) return;
+    const int span = tiles_per_split(n_ctx) * k_attn_tile;
+    const int s0 = sp * span, s1 = min(n_ctx, s0 + span);
+    const int64_t n_kv = int64_t(p.n_head_kv) * hd;
+    const int32_t* table = block_tables + int64_t(seq[t]) * table_stride;
+
+    extern __shared__ float smem[];
+    float* sq = smem;                                  // [G][hd]
+    float* sk = sq + q_floats(G, hd);                  // [T][hd + 4]
+    float* sv = sk + k_attn_tile * (hd + 4);           // [T][hd]
+    float* s_p = sv + k_attn_tile * hd;                // [G][T]
+    float* s_m = s_p + G * k_attn_tile;                // [G] running max
+    float* s_l = s_m + G;                              // [G] running sum
+    float* s_r = s_l + G;                              // [G] rescale of this tile
+
+    const float* qt = q + t * q_stride + int64_t(g) * G * hd;
+    for (int i = threadIdx.x; i < G * hd; i += k_attn_threads) sq[i] = qt[i];
+    for (int h = threadIdx.x; h < G; h += k_attn_threads) {
+        s_m[h] = -INFINITY;
+        s_l[h] = 0.0f;
+    }
+    // Each thread owns outputs idx = tid + k * 128 of the group's [G][hd] (at most 16 for
+    // G * hd <= 2048).
+    constexpr int k_max_own = 16;
+    float acc[k_max_own];
+#pragma unroll
+    for (int k = 0; k < k_max_own; ++k) acc[k] = 0.0f;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+
+    for (int p0 = s0; p0 < s1; p0 += k_attn_tile) {
+        const int len = min(k_attn_tile, s1 - p0);
+        __syncthreads();  // the previous tile is consumed (and sq, s_m are set on the first)
+        load_tile<KV>(k_cache, v_cache, table, p.block_size, n_kv, int64_t(g) * hd, hd, p0, len, sk, sv);
+        __syncthreads();
+        // Scores: one (head, position) dot product per thread and step, in dimension order.
+        for (int idx = threadIdx.x; idx < G * len; idx += k_attn_threads) {
+            const int h = idx / len, j = idx % len;
+            const float* qh = sq + h * hd;
+            const float* kj = sk + j * (hd + 4);
+            float dot;
+            if constexpr (HD > 0) {
+                // Four partial sums (lanes of the float4), added pairwise at the end.
+                float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+#pragma unroll
+                for (int i = 0; i < HD; i += 4) {
+                    const float4 qv = *reinterpret_cast<const float4*>(qh + i);
+                    const float4 kv = *reinterpret_cast<const float4*>(kj + i);
+                    a0 = fmaf(qv.x, kv.x, a0);
+                    a1 = fmaf(qv.y, kv.y, a1);
+                    a2 = fmaf(qv.z, kv.z, a2);
+                    a3 = fmaf(qv.w, kv.w, a3);
+                }
+                dot = (a0 + a1) + (a2 + a3);
+            } else {
+                dot = 0.0f;
+                for (int i = 0; i < hd; ++i) dot = fmaf(qh[i], kj[i], dot);
+            }
+            s_p[h * k_attn_tile + j] = dot * p.scale;
+        }
+        __syncthreads();
+        // Online softmax, one warp per head.
+        for (int h = warp; h < G; h += k_attn_threads / 32) {
+            float* ph = s_p + h * k_attn_tile;
+            float mx = -INFINITY;
+            for (int j = lane; j < len; j += 32) mx = fmaxf(mx, ph[j]);
+            for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+            const float m_old = s_m[h];
+            const float m_new = fmaxf(m_old, mx);
+            float sum = 0.0f;
+            for (int j = lane; j < len; j += 32) {
+                const float e = expf(ph[j] - m_new);
+                ph[j] = e;
+                sum += e;
+            }
+            for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+            if (lane == 0) {
+                const float r = m_old == -INFINITY ? 0.0f : expf(m_old - m_new);
+                s_r[h] = r;
+                s_l[h] = s_l[h] * r + sum;
+                s_m[h] = m_new;
+            }
+        }
+        __syncthreads();
+        // P V: thread's outputs (h, i), positions in order.
+#pragma unroll
+        for (int k = 0; k < k_max_own; ++k) {
+            const int idx = threadIdx.x + k * k_attn_threads;
+            if (idx >= G * hd) break;
+            const int h = idx / hd, i = idx % hd;
+            const float* ph = s_p + h * k_attn_tile;
+            // Four partial sums over positions j = 4m + c, added pairwise.
+            float o0 = 0.0f, o1 = 0.0f, o2 = 0.0f, o3 = 0.0f;
+            int j = 0;
+            for (; j + 4 <= len; j += 4) {
+                const float4 pv = *reinterpret_cast<const float4*>(ph + j);
+                o0 = fmaf(pv.x, sv[j * hd + i], o0);
+                o1 = fmaf(pv.y, sv[(j + 1) * hd + i], o1);
+                o2 = fmaf(pv.z, sv[(j + 2) * hd + i], o2);
+                o3 = fmaf(pv.w, sv[(j + 3) * hd + i], o3);
+            }
+            for (; j < len; ++j) o0 = fmaf(ph[j], sv[j * hd + i], o0);
+            acc[k] = fmaf(acc[k], s_r[h], (o0 + o1) + (o2 + o3));
+        }
+    }
+    __syncthreads();
+    const int64_t n_q = int64_t(p.n_head) * hd;
+    if (n_sp == 1) {
+#pragma unroll
+        for (int k = 0; k < k_max_own; ++k) {
+            const int idx = threadIdx.x + k * k_attn_threads;
+            if (idx >= G * hd) break;
+            const int h = idx / hd, i = idx % hd;
+            out[t * n_q + int64_t(g * G + h) * hd + i] = acc[k] / s_l[h];
+        }
+        return;
+    }
+    // part: [n_tokens, n_head, max_splits, hd + 2]
+#pragma unroll
+    for (int k = 0; k < k_max_own; ++k) {
+        const int idx = threadIdx.x + k * k_attn_threads;
+        if (idx >= G * hd) break;
+        const int h = idx / hd, i = idx % hd;
+        float* my = part + ((t * p.n_head + g * G + h) * max_splits + sp) * (hd + 2);
+        my[2 + i] = acc[k];
+        if (i == 0) {
+            my[0] = s_m[h];
+            my[1] = s_l[h];
+        }
+    }
+}
+
+__global__ void merge_kernel(AttentionParams p, const int32_t* __restrict__ positions, int32_t max_splits,
+                             const float* __restrict__ part, float* __restrict__ out) {
+    const int64_t t = blockIdx.x;
+    const int h = blockIdx.y, hd = p.head_dim;
+    const int used = n_splits_for(positions[t] + 1);
+    if (used == 1) return;  // written by split_kernel
+    const float* base = part + (t * p.n_head + h) * int64_t(max_splits) * (hd + 2);
+    float m = -INFINITY;
+    for (int s = 0; s < used; ++s) m = fmaxf(m, base[s * (hd + 2)]);
+    float l = 0.0f;
+    for (int s = 0; s < used; ++s) l += base[s * (hd + 2) + 1] * expf(base[s * (hd + 2)] - m);
+    const float inv = 1.0f / l;
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) {
+        float acc = 0.0f;
+        for (int s = 0; s < used; ++s) acc += base[s * (hd + 2) + 2 + i] * expf(base[s * (hd + 2)] - m);
+        out[t * int64_t(p.n_head) * hd + int64_t(h) * hd + i] = acc * inv;
+    }
+}
+
+// ---- One CUDA block per (token, query head, split of k_head_split positions) ----
+// Used when the GQA group is small (n_head / n_head_kv < 4): there the grouped kernel's shared
+// K/V tile serves too few heads to pay for its staging (Llama-2-7B prefill ran 20% slower).
+
+constexpr int k_head_split = 256;
 
 template <typename KV>
 __device__ __forceinline__ float kv_load(const KV* p) {
@@ -25,7 +294,7 @@ __device__ __forceinline__ float kv_load(const KV* p) {
 
 template <typename KV>
 __global__ void __launch_bounds__(k_attn_threads)
-split_kernel(AttentionParams p, const float* __restrict__ q, const KV* __restrict__ k_cache,
+head_split_kernel(AttentionParams p, const float* __restrict__ q, int64_t q_stride, const KV* __restrict__ k_cache,
              const KV* __restrict__ v_cache, const int32_t* __restrict__ positions, const int32_t* __restrict__ seq,
              const int32_t* __restrict__ block_tables, int32_t table_stride, int32_t n_splits,
              float* __restrict__ part) {
@@ -33,7 +302,7 @@ split_kernel(AttentionParams p, const float* __restrict__ q, const KV* __restric
     const int h = blockIdx.y, sp = blockIdx.z;
     const int hd = p.head_dim;
     const int n_ctx = positions[t] + 1;
-    const int p0 = sp * k_attention_split;
+    const int p0 = sp * k_head_split;
     // part: [n_tokens, n_head, n_splits, hd + 2]
     float* my = part + ((t * p.n_head + h) * n_splits + sp) * (hd + 2);
     if (p0 >= n_ctx) {
@@ -43,14 +312,14 @@ split_kernel(AttentionParams p, const float* __restrict__ q, const KV* __restric
         }
         return;
     }
-    const int len = min(k_attention_split, n_ctx - p0);
+    const int len = min(k_head_split, n_ctx - p0);
     const int kvh = h / (p.n_head / p.n_head_kv);
     const int64_t n_kv = int64_t(p.n_head_kv) * hd;
     const int32_t* table = block_tables + int64_t(seq[t]) * table_stride;
     __shared__ float s_q[k_max_head_dim];
-    __shared__ float s_p[k_attention_split];
+    __shared__ float s_p[k_head_split];
     __shared__ float s_red[k_attn_threads / 32];
-    for (int i = threadIdx.x; i < hd; i += k_attn_threads) s_q[i] = q[t * int64_t(p.n_head) * hd + int64_t(h) * hd + i];
+    for (int i = threadIdx.x; i < hd; i += k_attn_threads) s_q[i] = q[t * q_stride + int64_t(h) * hd + i];
     __syncthreads();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 #pragma unroll 4
@@ -117,11 +386,11 @@ split_kernel(AttentionParams p, const float* __restrict__ q, const KV* __restric
     }
 }
 
-__global__ void merge_kernel(AttentionParams p, const int32_t* __restrict__ positions, int32_t n_splits,
+__global__ void head_merge_kernel(AttentionParams p, const int32_t* __restrict__ positions, int32_t n_splits,
                              const float* __restrict__ part, float* __restrict__ out) {
     const int64_t t = blockIdx.x;
     const int h = blockIdx.y, hd = p.head_dim;
-    const int used = (positions[t] + k_attention_split) / k_attention_split;  // splits with positions
+    const int used = (positions[t] + k_head_split) / k_head_split;  // splits with positions
     const float* base = part + (t * p.n_head + h) * int64_t(n_splits) * (hd + 2);
     float m = -INFINITY;
     for (int s = 0; s < used; ++s) m = fmaxf(m, base[s * (hd + 2)]);
@@ -135,10 +404,22 @@ __global__ void merge_kernel(AttentionParams p, const int32_t* __restrict__ posi
     }
 }
 
+int32_t max_splits_for(int64_t max_ctx) {
+    return n_splits_for(int(std::min<int64_t>(max_ctx, int64_t(1) << 30)));
+}
+
+bool grouped(const AttentionParams& p) {
+    if (p.kernel == ATTN_KERNEL_GROUPED) return true;
+    if (p.kernel == ATTN_KERNEL_PER_HEAD) return false;
+    return p.n_head / p.n_head_kv >= 4;
+}
+
 }  // namespace
 
 size_t attention_scratch_floats(const AttentionParams& p, int64_t n_tokens, int64_t max_ctx) {
-    const int64_t n_splits = (max_ctx + k_attention_split - 1) / k_attention_split;
+    max_ctx = std::max<int64_t>(max_ctx, 1);
+    // Room for either kernel: the backend may pick per batch.
+    const int64_t n_splits = std::max<int64_t>(max_splits_for(max_ctx), (max_ctx + k_head_split - 1) / k_head_split);
     return size_t(n_tokens) * size_t(p.n_head) * size_t(n_splits) * size_t(p.head_dim + 2);
 }
 
@@ -146,22 +427,64 @@ void paged_attention(const AttentionParams& p, const float* q, const void* k_cac
                      const int32_t* positions, const int32_t* seq, const int32_t* block_tables, int32_t table_stride,
                      int64_t n_tokens, int64_t max_ctx, float* scratch, float* out, cudaStream_t stream) {
     if (n_tokens <= 0) return;
-    if (p.head_dim > k_max_head_dim || p.head_dim <= 0 || p.n_head_kv <= 0 || p.n_head % p.n_head_kv != 0)
+    if (p.head_dim > k_max_head_dim || p.head_dim <= 0 || p.n_head_kv <= 0 || p.n_head % p.n_head_kv != 0 ||
+        (p.n_head / p.n_head_kv) * p.head_dim > 16 * k_attn_threads)
         throw std::runtime_error("paged_attention: unsupported head geometry");
-    const int32_t n_splits = int32_t((max_ctx + k_attention_split - 1) / k_attention_split);
-    const dim3 grid(unsigned(n_tokens), unsigned(p.n_head), unsigned(n_splits));
-    if (p.kv_f16)
-        split_kernel<__half><<<grid, k_attn_threads, 0, stream>>>(p, q, static_cast<const __half*>(k_cache),
-                                                                 static_cast<const __half*>(v_cache), positions, seq,
-                                                                 block_tables, table_stride, n_splits, scratch);
-    else
-        split_kernel<float><<<grid, k_attn_threads, 0, stream>>>(p, q, static_cast<const float*>(k_cache),
-                                                                static_cast<const float*>(v_cache), positions, seq,
-                                                                block_tables, table_stride, n_splits, scratch);
-    CUDA_CHECK_LAUNCH();
-    merge_kernel<<<dim3(unsigned(n_tokens), unsigned(p.n_head)), 64, 0, stream>>>(p, positions, n_splits, scratch,
-                                                                                  out);
-    CUDA_CHECK_LAUNCH();
+    const int64_t q_stride = p.q_stride > 0 ? p.q_stride : int64_t(p.n_head) * p.head_dim;
+    if (!grouped(p)) {
+        const int32_t n_sp = int32_t((std::max<int64_t>(max_ctx, 1) + k_head_split - 1) / k_head_split);
+        const dim3 grid(unsigned(n_tokens), unsigned(p.n_head), unsigned(n_sp));
+        if (p.kv_f16)
+            head_split_kernel<__half><<<grid, k_attn_threads, 0, stream>>>(
+                p, q, q_stride, static_cast<const __half*>(k_cache), static_cast<const __half*>(v_cache), positions, seq,
+                block_tables, table_stride, n_sp, scratch);
+        else
+            head_split_kernel<float><<<grid, k_attn_threads, 0, stream>>>(
+                p, q, q_stride, static_cast<const float*>(k_cache), static_cast<const float*>(v_cache), positions, seq,
+                block_tables, table_stride, n_sp, scratch);
+        CUDA_CHECK_LAUNCH();
+        head_merge_kernel<<<dim3(unsigned(n_tokens), unsigned(p.n_head)), 64, 0, stream>>>(p, positions, n_sp, scratch,
+                                                                                           out);
+        CUDA_CHECK_LAUNCH();
+        return;
+    }
+    const int32_t n_splits = max_splits_for(std::max<int64_t>(max_ctx, 1));
+    const int G = p.n_head / p.n_head_kv;
+    const size_t smem = smem_floats(G, p.head_dim) * sizeof(float);
+    const dim3 grid(unsigned(n_tokens), unsigned(p.n_head_kv), unsigned(n_splits));
+    auto go = [&](auto kernel, const auto* kc, const auto* vc) {
+        // Above 48 KiB of shared memory a kernel has to opt in (once per size).
+        static size_t opted = 48 * 1024;
+        if (smem > opted) {
+            CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+            opted = smem;
+        }
+        kernel<<<grid, k_attn_threads, smem, stream>>>(p, q, q_stride, kc, vc, positions, seq, block_tables,
+                                                       table_stride, n_splits, scratch, out);
+        CUDA_CHECK_LAUNCH();
+    };
+    const auto* kh = static_cast<const __half*>(k_cache);
+    const auto* vh = static_cast<const __half*>(v_cache);
+    const auto* kf = static_cast<const float*>(k_cache);
+    const auto* vf = static_cast<const float*>(v_cache);
+    switch (p.head_dim) {
+    case 64:
+        if (p.kv_f16) go(split_kernel<__half, 64>, kh, vh);
+        else go(split_kernel<float, 64>, kf, vf);
+        break;
+    case 128:
+        if (p.kv_f16) go(split_kernel<__half, 128>, kh, vh);
+        else go(split_kernel<float, 128>, kf, vf);
+        break;
+    default:
+        if (p.kv_f16) go(split_kernel<__half, 0>, kh, vh);
+        else go(split_kernel<float, 0>, kf, vf);
+    }
+    if (n_splits > 1) {
+        merge_kernel<<<dim3(unsigned(n_tokens), unsigned(p.n_head)), 64, 0, stream>>>(p, positions, n_splits, scratch,
+                                                                                      out);
+        CUDA_CHECK_LAUNCH();
+    }
 }
 
 }  // namespace coinfer::kernels

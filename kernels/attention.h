@@ -13,16 +13,23 @@ struct AttentionParams {
     int32_t block_size;                   // tokens per KV block
     float scale;                          // 1/sqrt(head_dim)
     bool kv_f16;
+    int32_t q_stride = 0;                 // floats between q rows; 0: n_head * head_dim
+    // Which kernel: ATTN_KERNEL_AUTO picks by GQA group size (grouped for n_head / n_head_kv >= 4).
+    // The two sum in different orders: a caller that promises batch invariance must not choose
+    // by batch size.
+    int32_t kernel = 0;
 };
 
-// Positions per split (flash-decoding): a token's context is cut into splits of this many
-// positions, each reduced by its own CUDA block, then merged.
-inline constexpr int32_t k_attention_split = 256;
+enum AttnKernel : int32_t {
+    ATTN_KERNEL_AUTO = 0,
+    ATTN_KERNEL_GROUPED = 1,   // a block per (token, KV head, split): K/V staged once per group
+    ATTN_KERNEL_PER_HEAD = 2,  // a block per (token, query head, split of 256)
+};
 
 // Scratch floats needed for n_tokens tokens whose largest context is max_ctx.
 size_t attention_scratch_floats(const AttentionParams& p, int64_t n_tokens, int64_t max_ctx);
 
-//   q:   [n_tokens, n_head * head_dim] (rotated)
+//   q:   [n_tokens, q_stride], the first n_head * head_dim of each row (rotated)
 //   out: [n_tokens, n_head * head_dim]
 //   positions[t], seq[t]: token t sees positions 0..positions[t] of sequence seq[t]
 //   block_tables: [n_seqs, table_stride] block ids

@@ -139,12 +139,12 @@ __device__ __forceinline__ void unpack16(const uint4 v, float* f) {
     }
 }
 
-template <int T, int R>
+template <int T, int R, int U>
 __global__ void __launch_bounds__(32 * k_gemv_warps)
 gemv_dense_kernel(const uint8_t* __restrict__ w, size_t row_bytes, int64_t n_in, int64_t n_out,
                   const float* __restrict__ x, int64_t n_rows, float* __restrict__ y) {
     constexpr int E = T == WT_F32 ? 4 : 8;  // elements per 16-byte vector
-    constexpr int U = 4;                    // vectors in flight per row and lane
+    // U: vectors in flight per row and lane
     const int lane = threadIdx.x & 31;
     const int64_t o0 = (int64_t(blockIdx.x) * k_gemv_warps + (threadIdx.x >> 5)) * R;
     if (o0 >= n_out) return;
@@ -789,8 +789,18 @@ void launch_gemv(const MatmulContext& ctx, int type, const void* w, size_t row_b
     dispatch_weight_type(type, [&](auto t) {
         constexpr int T = decltype(t)::value;
         if constexpr (T == WT_F32 || T == WT_F16 || T == WT_BF16) {
-            if (rpw == 2) gemv_dense_kernel<T, 2><<<grid, 32 * k_gemv_warps, 0, stream>>>(wb, row_bytes, n_in, n_out, x, n_rows, y);
-            else gemv_dense_kernel<T, 1><<<grid, 32 * k_gemv_warps, 0, stream>>>(wb, row_bytes, n_in, n_out, x, n_rows, y);
+            // COINFER_GEMV_U=8: eight 16-byte vectors in flight per row and lane instead of four.
+            static const int u_env = [] {
+                const char* e = std::getenv("COINFER_GEMV_U");
+                return e ? std::atoi(e) : 0;
+            }();
+            if (u_env == 8) {
+                if (rpw == 2) gemv_dense_kernel<T, 2, 8><<<grid, 32 * k_gemv_warps, 0, stream>>>(wb, row_bytes, n_in, n_out, x, n_rows, y);
+                else gemv_dense_kernel<T, 1, 8><<<grid, 32 * k_gemv_warps, 0, stream>>>(wb, row_bytes, n_in, n_out, x, n_rows, y);
+            } else {
+                if (rpw == 2) gemv_dense_kernel<T, 2, 4><<<grid, 32 * k_gemv_warps, 0, stream>>>(wb, row_bytes, n_in, n_out, x, n_rows, y);
+                else gemv_dense_kernel<T, 1, 4><<<grid, 32 * k_gemv_warps, 0, stream>>>(wb, row_bytes, n_in, n_out, x, n_rows, y);
+            }
         } else {
             if (rpw == 2) gemv_quant_kernel<T, 2><<<grid, 32 * k_gemv_warps, 0, stream>>>(wb, row_bytes, n_in, n_out, x, n_rows, y);
             else gemv_quant_kernel<T, 1><<<grid, 32 * k_gemv_warps, 0, stream>>>(wb, row_bytes, n_in, n_out, x, n_rows, y);
@@ -819,6 +829,14 @@ void launch_dequant_f16(int type, const void* w, size_t row_bytes, int64_t n_in,
     CUDA_CHECK_LAUNCH();
 }
 
+// cublasSetStream resets the handle's workspace to the default pool, so it is called only when
+// the stream changes: the backend sets a workspace of its own for graph capture.
+void bind_stream(cublasHandle_t h, cudaStream_t stream) {
+    cudaStream_t cur = nullptr;
+    CUBLAS_CHECK(cublasGetStream(h, &cur));
+    if (cur != stream) CUBLAS_CHECK(cublasSetStream(h, stream));
+}
+
 // y = W x through cublasGemmEx on 16-bit operands with FP32 accumulate. Scratch (as halves):
 // [n_rows, n_in] activations, then as many [tile, n_in] dequantized weight rows as fit.
 // Returns false (nothing launched) where the scratch is too small or the shape unsuitable.
@@ -838,7 +856,7 @@ bool gemm_16(const MatmulContext& ctx, int type, const void* w, size_t row_bytes
     launch_f32_to_16(x, n_rows * n_in, xh, bf, stream);
     const cudaDataType dt = bf ? CUDA_R_16BF : CUDA_R_16F;
     const float one = 1.0f, zero = 0.0f;
-    CUBLAS_CHECK(cublasSetStream(ctx.cublas, stream));
+    bind_stream(ctx.cublas, stream);
     for (int64_t o0 = 0; o0 < n_out; o0 += tile) {
         const int64_t m = std::min(tile, n_out - o0);
         const void* a = w;
@@ -876,7 +894,7 @@ void matmul(const MatmulContext& ctx, int type, const void* w, size_t row_bytes,
     // Column-major view: W is [n_in, n_out] (lda = row stride), x is [n_in, n_rows], y is
     // [n_out, n_rows]; y = W^T x.
     if (gemm_16(ctx, type, w, row_bytes, n_in, n_out, x, n_rows, y, stream)) return;
-    CUBLAS_CHECK(cublasSetStream(ctx.cublas, stream));
+    bind_stream(ctx.cublas, stream);
     const float one = 1.0f, zero = 0.0f;
     if (type == WT_F32 && row_bytes % sizeof(float) == 0) {
         CUBLAS_CHECK(cublasSgemm(ctx.cublas, CUBLAS_OP_T, CUBLAS_OP_N, int(n_out), int(n_rows), int(n_in), &one,

@@ -164,6 +164,10 @@ std::vector<Case> make_cases(int n_threads) {
         {4096, 11008, {1}, true},             // Llama-2-7B ffn_gate
         {14336, 4096, {1}, false, {GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_Q4_0, GGML_TYPE_Q4_K}},  // Mistral ffn_down
         {11008, 4096, {1, 8}, false, bench_types},                // Llama-2-7B ffn_down
+        {2048, 2560, {1}, false, bench_types},                    // TinyLlama fused q|k|v
+        {2048, 2048, {1}, false, bench_types},                    // TinyLlama attn_output
+        {2048, 11264, {1}, false, bench_types},                   // TinyLlama fused gate|up
+        {4096, 12288, {1}, false, bench_types},                   // Llama-2-7B fused q|k|v
         {4096, 11008, {8}, false, bench_types},                   // decode batch of 8
         {2048, 5632, {512}, false, bench_types},                  // prefill chunk (tensor cores)
         {4096, 11008, {512}, false, bench_types},
@@ -290,7 +294,7 @@ std::vector<Case> make_cases(int n_threads) {
     }
 
     // ---- rope + KV write, and paged attention over the written cache ----
-    struct AttnShape { int n_head, n_kv, hd, n_rot; bool neox; std::vector<int> ctx; int n_tok; bool f16; };
+    struct AttnShape { int n_head, n_kv, hd, n_rot; bool neox; std::vector<int> ctx; int n_tok; bool f16; int kernel = kn::ATTN_KERNEL_AUTO; };
     const AttnShape attn_shapes[] = {
         {8, 4, 8, 8, false, {1, 5, 40}, 3, true},              // stories260K
         {4, 2, 64, 64, false, {1, 17, 300}, 4, false},          // quant-base, F32 KV
@@ -299,10 +303,16 @@ std::vector<Case> make_cases(int n_threads) {
         {32, 32, 128, 128, false, {1, 512}, 64, true},          // Llama-2-7B, decode batch of 64
         {32, 32, 128, 128, false, {4096}, 8, true},             // Llama-2-7B, long contexts
         {32, 32, 128, 128, false, {256}, 64, true},             // prefill-sized chunk
+        // The grouped kernel where AUTO picks the per-head one (small groups: the cuda backend
+        // uses it for batches of up to 8 tokens, and for every batch when batch-invariant).
+        {8, 4, 8, 8, false, {1, 5, 40}, 3, true, kn::ATTN_KERNEL_GROUPED},
+        {4, 2, 64, 64, false, {1, 17, 300}, 4, false, kn::ATTN_KERNEL_GROUPED},
+        {32, 32, 128, 128, false, {1, 512, 4096}, 8, true, kn::ATTN_KERNEL_GROUPED},
     };
     for (const AttnShape& a : attn_shapes) {
         for (int max_ctx : a.ctx) {
-            cases.push_back({fmt::format("rope_kv+attention heads={}/{} hd={} {} kv={} ctx<={} tokens={}", a.n_head, a.n_kv,
+            cases.push_back({fmt::format("rope_kv+attention{} heads={}/{} hd={} {} kv={} ctx<={} tokens={}",
+                                         a.kernel == kn::ATTN_KERNEL_GROUPED ? "-grouped" : "", a.n_head, a.n_kv,
                                          a.hd, a.neox ? "neox" : "norm", a.f16 ? "f16" : "f32", max_ctx, a.n_tok),
                              1e-7, [=](std::function<void()>& launch) {
                 const int bs = 16, n_tok = a.n_tok;
@@ -397,7 +407,7 @@ std::vector<Case> make_cases(int n_threads) {
                 auto dslot = std::make_shared<Dev<int32_t>>(slot);
                 auto dtab = std::make_shared<Dev<int32_t>>(tables);
                 auto dinv = std::make_shared<Dev<float>>(inv);
-                const kn::AttentionParams ap{a.n_head, a.n_kv, a.hd, bs, scale, a.f16};
+                const kn::AttentionParams ap{a.n_head, a.n_kv, a.hd, bs, scale, a.f16, 0, a.kernel};
                 auto dpart = std::make_shared<Dev<float>>(kn::attention_scratch_floats(ap, n_tok, max_ctx));
                 auto dout = std::make_shared<Dev<float>>(want.size());
                 dout->poison();
