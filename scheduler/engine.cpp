@@ -5,6 +5,7 @@
 #include <condition_variable>
 #include <thread>
 #include <unordered_map>
+#include <unordered_set>
 
 #include <concurrentqueue/blockingconcurrentqueue.h>
 #include <fmt/format.h>
@@ -31,7 +32,26 @@ struct Active {
     StreamDecoder decoder;
     StopMatcher stop;
     Clock::time_point submitted;
-    bool started = false;  // left the waiting queue at least once
+    bool started = false;         // left the waiting queue at least once
+    bool length_reached = false;  // the token in flight is its last (max_tokens or context)
+};
+
+// The step on the device (at most one). The backend reads the batch and the rows until the
+// step has been waited for, so they live here until then.
+struct InFlight {
+    StepPlan plan;                      // the planned sequences that run, in batch order
+    Batch batch;
+    std::vector<SeqId> row_seq;         // [n_logit_rows] the sequence of each logit row
+    std::vector<DeviceSampleRow> rows;  // [n_logit_rows] device sampling's inputs
+    std::vector<uint64_t> token_index;  // [n_logit_rows] host sampling's Philox counters
+    int64_t n_prompt_tokens = 0;
+};
+
+// One sampled token of a finished step, delivered after the next step has been launched.
+struct Sampled {
+    SeqId id;
+    TokenEvent ev;                       // ev.id < 0: no token could be sampled
+    FinishReason end = FINISH_REASON_NONE;  // EOS (STOP) or length, decided before the next launch
 };
 
 struct Engine::Impl {
@@ -49,6 +69,7 @@ struct Engine::Impl {
     std::thread thread;
 
     std::unordered_map<SeqId, std::unique_ptr<Active>> active;  // step-loop thread only
+    std::unique_ptr<InFlight> in_flight;                        // step-loop thread only
 
     mutable std::mutex stats_mutex;
     EngineStats stats;
@@ -60,9 +81,14 @@ struct Engine::Impl {
     void admit(std::unique_ptr<Prepared> p);
     void admit_or_fail(std::unique_ptr<Prepared> p);
     void step();
-    void run_plan(const StepPlan& plan);
+    void apply_in_flight();
+    std::unique_ptr<InFlight> launch(const StepPlan& plan, const std::unordered_set<SeqId>& ending);
+    std::vector<TokenEvent> wait(InFlight& f);
+    std::vector<Sampled> complete(InFlight& f, std::unordered_set<SeqId>& ending);
+    void deliver(std::vector<Sampled>& done);
+    void fail_step(const InFlight& f, const std::string& what);
     void finish(SeqId id, FinishReason reason, std::error_code ec = {}, std::string message = {});
-    void publish_stats(const StepPlan* plan);
+    void publish_stats(bool idle, const InFlight* launched = nullptr);
 };
 
 // ---- construction ----
@@ -84,7 +110,7 @@ Engine::Engine(asio::any_io_executor ex, EngineOptions opt) : executor_(std::mov
     im.n_ctx = im.opt.n_ctx > 0 ? im.opt.n_ctx
                                 : static_cast<int32_t>(std::min<int64_t>(im.model->config().n_ctx_train, INT32_MAX));
     if (im.opt.max_waiting < 1) throw_error("max_waiting must be at least 1");
-    im.publish_stats(nullptr);
+    im.publish_stats(true);
     im.thread = std::thread([&im] { im.run(); });
 }
 
@@ -211,12 +237,23 @@ void Engine::Impl::finish(SeqId id, FinishReason reason, std::error_code ec, std
     active.erase(it);
 }
 
+// The loop keeps one step on the device while the host plans the next (speculative planning,
+// as vLLM's async scheduling), so the device does not idle through the host's work:
+//   1. step k (in flight) is applied to the planner with a placeholder token per sampled row;
+//   2. step k+1 is planned;
+//   3. step k's ids come back: placeholders are patched, samplers accept, EOS/length decided;
+//   4. step k+1 is built (after the accepts: penalties and Philox counters include step k) and
+//      launched, leaving out sequences that end with step k;
+//   5. step k's tokens are delivered: detokenizing, stop strings, pushes, finishes.
+// A sequence finished in 5 (a stop string) may already run in step k+1; its row is dropped when
+// step k+1 comes back. On the CPU backend "launch" does nothing and step 3 runs the forward pass
+// and the host sampler, through the same logic.
 void Engine::Impl::run() {
     std::unique_ptr<Prepared> p;
     while (true) {
         // Take every submission that is waiting; block only when there is nothing to run.
-        bool got = planner->idle() ? queue.wait_dequeue_timed(p, std::chrono::milliseconds(200))
-                                   : queue.try_dequeue(p);
+        const bool idle = planner->idle() && !in_flight;
+        bool got = idle ? queue.wait_dequeue_timed(p, std::chrono::milliseconds(200)) : queue.try_dequeue(p);
         while (got) {
             if (p) admit_or_fail(std::move(p));
             got = queue.try_dequeue(p);
@@ -227,13 +264,26 @@ void Engine::Impl::run() {
         for (auto& [id, a] : active)
             if (a->state->cancel_requested()) cancelled.push_back(id);
         for (SeqId id : cancelled) finish(id, FINISH_REASON_CANCELLED, asio::error::operation_aborted);
-        if (planner->idle()) {
-            publish_stats(nullptr);
+        if (planner->idle() && !in_flight) {
+            publish_stats(true);
             continue;
         }
         step();
     }
-    // Shutting down: everything unfinished ends with `stopped`.
+    // Shutting down: the step on the device is drained (its tokens delivered), then everything
+    // unfinished ends with `stopped`.
+    if (in_flight) {
+        apply_in_flight();
+        std::unique_ptr<InFlight> f = std::move(in_flight);
+        std::unordered_set<SeqId> ending;
+        std::vector<Sampled> done;
+        try {
+            done = complete(*f, ending);
+            deliver(done);
+        } catch (const std::exception& e) {
+            fail_step(*f, e.what());
+        }
+    }
     while (queue.try_dequeue(p))
         if (p) admit_or_fail(std::move(p));
     std::vector<SeqId> ids;
@@ -242,155 +292,241 @@ void Engine::Impl::run() {
 }
 
 void Engine::Impl::step() {
-    StepPlan plan = planner->schedule();
+    // 1-2. Plan step k+1 as if step k were done, while the device runs it.
+    apply_in_flight();
+    StepPlan next = planner->schedule();
     // The planner already dropped these; the requests still have to hear why.
-    for (SeqId id : plan.rejected)
+    for (SeqId id : next.rejected)
         finish(id, FINISH_REASON_ERROR, EngineErrc::too_long,
                fmt::format("the request needs more KV blocks than the pool's {}", pool->n_blocks()));
-    if (plan.empty()) {
-        publish_stats(&plan);
-        return;
+
+    // 3. Step k's ids.
+    std::vector<Sampled> done;
+    std::unordered_set<SeqId> ending;  // end with step k's token: not part of step k+1
+    if (in_flight) {
+        std::unique_ptr<InFlight> f = std::move(in_flight);
+        try {
+            done = complete(*f, ending);
+        } catch (const std::exception& e) {
+            // Whatever failed (the forward pass, an allocation, a bad id from the device) fails
+            // the requests of this step, never the engine or the others.
+            fail_step(*f, e.what());
+            done.clear();
+            ending.clear();
+        }
     }
+
+    // 4. Step k+1 goes to the device.
+    if (!next.empty()) in_flight = launch(next, ending);
+
+    // 5. Step k's tokens, while the device runs step k+1.
     try {
-        run_plan(plan);
+        deliver(done);
     } catch (const std::exception& e) {
-        // Whatever failed (the forward pass, an allocation, a bad id from the device) fails the
-        // requests of this step, never the engine or the others.
-        for (const PlannedSeq& ps : plan.seqs) finish(ps.id, FINISH_REASON_ERROR, EngineErrc::backend_failed, e.what());
-        publish_stats(&plan);
+        for (const Sampled& d : done) finish(d.id, FINISH_REASON_ERROR, EngineErrc::backend_failed, e.what());
+    }
+    publish_stats(false, in_flight.get());
+}
+
+void Engine::Impl::apply_in_flight() {
+    if (!in_flight) return;
+    // The planner advances n_computed now and appends a placeholder per sampled row, patched in
+    // complete(). Only computed positions are hashed, so no placeholder enters a block hash.
+    std::vector<TokenId> placeholders(in_flight->row_seq.size(), k_token_placeholder);
+    planner->update(in_flight->plan, placeholders);
+    // A sequence whose token in flight reaches max_tokens or the context limit ends whatever
+    // that token is. It leaves the planner now, so the next plan neither runs it nor preempts
+    // others to make room for it. Its blocks may be handed out while step k still writes them:
+    // every device step runs on one stream, in order, so step k is done with them first.
+    for (SeqId id : in_flight->row_seq) {
+        const SeqState* s = planner->find(id);
+        if (!s) continue;
+        Active& a = *active.at(id);
+        if (s->n_generated() >= a.req.max_tokens || s->n_tokens() >= n_ctx) {
+            a.length_reached = true;
+            planner->finish(id);
+        }
     }
 }
 
-void Engine::Impl::run_plan(const StepPlan& plan) {
-    Batch batch;
-    int64_t n_prompt_tokens = 0;
+std::unique_ptr<InFlight> Engine::Impl::launch(const StepPlan& plan, const std::unordered_set<SeqId>& ending) {
+    auto f = std::make_unique<InFlight>();
     for (const PlannedSeq& ps : plan.seqs) {
-        const SeqState& s = planner->seq(ps.id);
-        Active& a = *active.at(ps.id);
-        if (!a.started) {
-            a.started = true;
-            n_not_started.fetch_sub(1);
-        }
-        const int32_t si = batch.add_seq(s.blocks);
-        for (int32_t i = ps.start; i < ps.start + ps.n_new; ++i) {
-            batch.add(s.tokens[static_cast<size_t>(i)], i, si, ps.wants_logits && i == ps.start + ps.n_new - 1);
-            if (i < s.n_prompt) ++n_prompt_tokens;
-        }
+        // Left out: sequences that end with step k, were finished since planning (a failed
+        // step), or were preempted since (drop_last_hashes): the plan is stale for them.
+        if (ending.count(ps.id)) continue;
+        const SeqState* s = planner->find(ps.id);
+        if (!s || s->status != SEQ_STATUS_RUNNING || s->n_computed != ps.start) continue;
+        f->plan.seqs.push_back(ps);
+        f->plan.n_tokens += ps.n_new;
     }
-    const int64_t n_vocab = model->config().n_vocab;
-    // On-device sampling when the backend offers it: the whole chain (and any logprobs) runs
-    // there and only ids come back. Otherwise logits come back and the CPU sampler decides.
+    if (f->plan.empty()) return nullptr;
     const bool device_sampling = backend->samples_on_device();
-    std::vector<float> logits;
-    std::vector<DeviceSampleOut> device_out;
-    {
-        if (device_sampling) {
-            std::vector<DeviceSampleRow> rows;
-            for (const PlannedSeq& ps : plan.seqs) {
-                if (!ps.wants_logits) continue;
-                const Active& a = *active.at(ps.id);
-                const SamplingParams& sp = a.sampler.params();
-                DeviceSampleRow r;
-                r.logit_bias = sp.logit_bias;
-                r.penalty_counts = a.sampler.penalty_counts();
-                r.repeat_penalty = sp.repeat_penalty;
-                r.frequency_penalty = sp.frequency_penalty;
-                r.presence_penalty = sp.presence_penalty;
-                r.temperature = sp.temperature;
-                r.top_k = sp.top_k;
-                r.top_p = sp.top_p;
-                r.min_p = sp.min_p;
-                r.seed = sp.seed;
-                r.token_index = static_cast<uint64_t>(planner->seq(ps.id).n_generated());
-                r.n_logprobs = sp.n_logprobs;
-                rows.push_back(std::move(r));
+    try {
+        for (const PlannedSeq& ps : f->plan.seqs) {
+            const SeqState& s = planner->seq(ps.id);
+            Active& a = *active.at(ps.id);
+            if (!a.started) {
+                a.started = true;
+                n_not_started.fetch_sub(1);
             }
-            device_out.resize(rows.size());
-            backend->forward_sample(batch, rows, device_out);
-        } else {
-            logits.assign(batch.logit_rows.size() * static_cast<size_t>(n_vocab), 0.0f);
-            backend->forward(batch, logits);
+            const int32_t si = f->batch.add_seq(s.blocks);
+            for (int32_t i = ps.start; i < ps.start + ps.n_new; ++i) {
+                const TokenId t = s.tokens[static_cast<size_t>(i)];
+                if (t == k_token_placeholder) throw_error("engine: sequence {} has an unpatched token at {}", ps.id, i);
+                f->batch.add(t, i, si, ps.wants_logits && i == ps.start + ps.n_new - 1);
+                if (i < s.n_prompt) ++f->n_prompt_tokens;
+            }
+            if (!ps.wants_logits) continue;
+            // Built after step k's accept: the penalty window and the Philox counter include it.
+            const uint64_t token_index = static_cast<uint64_t>(s.n_generated());
+            f->row_seq.push_back(ps.id);
+            if (!device_sampling) {
+                f->token_index.push_back(token_index);
+                continue;
+            }
+            const SamplingParams& sp = a.sampler.params();
+            DeviceSampleRow r;
+            r.logit_bias = sp.logit_bias;
+            r.penalty_counts = a.sampler.penalty_counts();
+            r.repeat_penalty = sp.repeat_penalty;
+            r.frequency_penalty = sp.frequency_penalty;
+            r.presence_penalty = sp.presence_penalty;
+            r.temperature = sp.temperature;
+            r.top_k = sp.top_k;
+            r.top_p = sp.top_p;
+            r.min_p = sp.min_p;
+            r.seed = sp.seed;
+            r.token_index = token_index;
+            r.n_logprobs = sp.n_logprobs;
+            f->rows.push_back(std::move(r));
         }
+        // The CPU path runs the forward pass and the host sampler in wait().
+        if (device_sampling) backend->launch_sample(f->batch, f->rows);
+    } catch (const std::exception& e) {
+        // Nothing was hashed for this step yet (update comes next iteration).
+        for (const PlannedSeq& ps : f->plan.seqs) finish(ps.id, FINISH_REASON_ERROR, EngineErrc::backend_failed, e.what());
+        return nullptr;
     }
+    return f;
+}
 
-    // Sample each sequence that reached its end, in plan order.
-    std::vector<TokenId> sampled;
-    std::vector<TokenEvent> events;
-    size_t row = 0;
-    for (const PlannedSeq& ps : plan.seqs) {
-        if (!ps.wants_logits) continue;
-        Active& a = *active.at(ps.id);
-        if (device_sampling) {
-            DeviceSampleOut& o = device_out[row++];
-            TokenEvent ev;
+std::vector<TokenEvent> Engine::Impl::wait(InFlight& f) {
+    const int64_t n_vocab = model->config().n_vocab;
+    const size_t n_rows = f.row_seq.size();
+    std::vector<TokenEvent> evs(n_rows);
+    if (backend->samples_on_device()) {
+        // The whole chain (and any logprobs) ran on the device; only ids come back.
+        std::vector<DeviceSampleOut> out(n_rows);
+        backend->wait_sample(out);
+        for (size_t r = 0; r < n_rows; ++r) {
+            DeviceSampleOut& o = out[r];
+            TokenEvent& ev = evs[r];
             ev.id = o.id < n_vocab ? o.id : -1;
-            if (ev.id >= 0 && a.req.sampling.n_logprobs > 0) {
+            if (ev.id >= 0 && f.rows[r].n_logprobs > 0) {
                 ev.logprob = o.logprob;
                 ev.top_logprobs = std::move(o.top_logprobs);
             }
-            if (ev.id >= 0) a.sampler.accept(ev.id);
-            sampled.push_back(ev.id < 0 ? 0 : ev.id);
-            events.push_back(std::move(ev));
-            continue;
         }
-        float* l = &logits[row++ * static_cast<size_t>(n_vocab)];
-        TokenEvent ev;
+        return evs;
+    }
+    // Logits come back and the CPU sampler decides. The sampler's state is what it was at
+    // launch: accepts happen only between a step's wait and the next launch.
+    std::vector<float> logits(n_rows * static_cast<size_t>(n_vocab), 0.0f);  // [n_rows, n_vocab]
+    backend->forward(f.batch, logits);
+    for (size_t r = 0; r < n_rows; ++r) {
+        auto it = active.find(f.row_seq[r]);
+        if (it == active.end()) continue;  // finished while the step ran: the row is dropped
+        Active& a = *it->second;
+        float* l = &logits[r * static_cast<size_t>(n_vocab)];
+        TokenEvent& ev = evs[r];
         const int32_t n_lp = a.req.sampling.n_logprobs;
         if (n_lp > 0) ev.top_logprobs = top_logprobs(l, static_cast<int32_t>(n_vocab), n_lp);
-        const uint64_t token_index = static_cast<uint64_t>(planner->seq(ps.id).n_generated());
         std::vector<float> raw;
         if (n_lp > 0) raw.assign(l, l + n_vocab);
         TokenId id = -1;
         try {
-            id = a.sampler.sample(std::span<float>(l, static_cast<size_t>(n_vocab)), token_index);
+            id = a.sampler.sample(std::span<float>(l, static_cast<size_t>(n_vocab)), f.token_index[r]);
         } catch (const Error&) {
-            id = -1;  // nothing left to sample (e.g. every token banned); ends below
+            id = -1;  // nothing left to sample (e.g. every token banned); ends in deliver()
         }
         if (id >= 0 && n_lp > 0) ev.logprob = token_logprob(raw.data(), static_cast<int32_t>(n_vocab), id);
-        if (id >= 0) a.sampler.accept(id);
         ev.id = id;
-        sampled.push_back(id < 0 ? 0 : id);
-        events.push_back(std::move(ev));
     }
-    planner->update(plan, sampled);
+    return evs;
+}
 
-    // Deliver tokens and decide who is done.
-    size_t k = 0;
-    int64_t n_gen = 0;
+std::vector<Sampled> Engine::Impl::complete(InFlight& f, std::unordered_set<SeqId>& ending) {
+    std::vector<TokenEvent> evs = wait(f);
+    {
+        std::lock_guard lock(stats_mutex);
+        ++stats.n_steps;
+        stats.n_prompt_tokens += f.n_prompt_tokens;
+    }
     const Tokenizer& tok = model->tokenizer();
-    for (const PlannedSeq& ps : plan.seqs) {
-        if (!ps.wants_logits) continue;
-        TokenEvent ev = std::move(events[k++]);
-        Active& a = *active.at(ps.id);
+    std::vector<Sampled> done;
+    done.reserve(evs.size());
+    for (size_t r = 0; r < evs.size(); ++r) {
+        const SeqId id = f.row_seq[r];
+        auto it = active.find(id);
+        if (it == active.end()) continue;  // finished while the step ran (cancel, stop string)
+        Active& a = *it->second;
+        Sampled d{id, std::move(evs[r])};
+        // Still in the planner unless it reached its length (possibly preempted meanwhile:
+        // the token is kept for its recompute).
+        if (planner->find(id)) planner->set_last_token(id, d.ev.id < 0 ? 0 : d.ev.id);
+        if (d.ev.id < 0) {
+            ending.insert(id);
+        } else {
+            a.sampler.accept(d.ev.id);
+            if (!a.req.ignore_eos && tok.is_eog(d.ev.id)) d.end = FINISH_REASON_STOP;
+            else if (a.length_reached) d.end = FINISH_REASON_LENGTH;
+            if (d.end != FINISH_REASON_NONE) ending.insert(id);
+        }
+        done.push_back(std::move(d));
+    }
+    return done;
+}
+
+void Engine::Impl::deliver(std::vector<Sampled>& done) {
+    int64_t n_gen = 0;
+    for (Sampled& d : done) {
+        auto it = active.find(d.id);
+        if (it == active.end()) continue;
+        Active& a = *it->second;
+        TokenEvent& ev = d.ev;
         if (ev.id < 0) {
-            finish(ps.id, FINISH_REASON_ERROR, EngineErrc::backend_failed, "no token can be sampled (all banned)");
+            finish(d.id, FINISH_REASON_ERROR, EngineErrc::backend_failed, "no token can be sampled (all banned)");
             continue;
         }
         ++n_gen;
-        const SeqState& s = planner->seq(ps.id);
-        const bool eog = !a.req.ignore_eos && tok.is_eog(ev.id);
+        const bool eog = d.end == FINISH_REASON_STOP;
         FinishReason reason = FINISH_REASON_NONE;
         if (!eog) ev.text = a.stop.push(a.decoder.push(ev.id));
         if (eog || a.stop.stopped()) reason = FINISH_REASON_STOP;
-        else if (s.n_generated() >= a.req.max_tokens || s.n_tokens() >= n_ctx) reason = FINISH_REASON_LENGTH;
+        else if (d.end == FINISH_REASON_LENGTH) reason = FINISH_REASON_LENGTH;
         if (reason != FINISH_REASON_NONE && !a.stop.stopped()) {
             ev.text += a.stop.push(a.decoder.flush());
             if (!a.stop.stopped()) ev.text += a.stop.flush();
         }
         a.state->push(std::move(ev), seconds_between(a.submitted, Clock::now()));
-        if (reason != FINISH_REASON_NONE) finish(ps.id, reason);
+        // A stop string may end a sequence that already runs in step k+1: that row is dropped.
+        if (reason != FINISH_REASON_NONE) finish(d.id, reason);
     }
     {
         std::lock_guard lock(stats_mutex);
-        ++stats.n_steps;
-        stats.n_prompt_tokens += n_prompt_tokens;
         stats.n_generated_tokens += n_gen;
     }
     window_tokens += n_gen;
-    publish_stats(&plan);
 }
 
-void Engine::Impl::publish_stats(const StepPlan* plan) {
+void Engine::Impl::fail_step(const InFlight& f, const std::string& what) {
+    for (const PlannedSeq& ps : f.plan.seqs) finish(ps.id, FINISH_REASON_ERROR, EngineErrc::backend_failed, what);
+    // The blocks that the step's update hashed never got their K/V.
+    planner->drop_last_hashes();
+}
+
+void Engine::Impl::publish_stats(bool idle, const InFlight* launched) {
     std::lock_guard lock(stats_mutex);
     stats.n_running = planner->n_running();
     stats.n_waiting = planner->n_waiting();
@@ -402,14 +538,14 @@ void Engine::Impl::publish_stats(const StepPlan* plan) {
     stats.n_preemptions = ps.n_preemptions;
     stats.prefix_hit_tokens = ps.prefix_hit_tokens;
     stats.prefix_hit_rate = ps.prefix_query_tokens ? double(ps.prefix_hit_tokens) / double(ps.prefix_query_tokens) : 0.0;
-    if (plan) {
-        stats.last_batch_seqs = static_cast<int32_t>(plan->seqs.size());
-        stats.last_batch_tokens = plan->n_tokens;
+    if (launched) {
+        stats.last_batch_seqs = static_cast<int32_t>(launched->plan.seqs.size());
+        stats.last_batch_tokens = launched->plan.n_tokens;
         stats.peak_batch_seqs = std::max(stats.peak_batch_seqs, stats.last_batch_seqs);
     }
     const auto now = Clock::now();
     const double dt = seconds_between(window_start, now);
-    if (dt >= 1.0 || (!plan && dt > 0.2)) {
+    if (dt >= 1.0 || (idle && dt > 0.2)) {
         stats.tokens_per_second = window_tokens / dt;
         window_start = now;
         window_tokens = 0;

@@ -104,9 +104,12 @@ void Planner::hash_full_blocks(SeqState& s) {
     if (!opt_.prefix_cache) return;
     const int32_t bs = pool_.block_size();
     while (s.n_hashed < s.n_computed / bs) {
+        // The placeholder is at n_computed or later, never inside a block hashed here.
+        assert(!s.has_placeholder || (s.n_hashed + 1) * bs < s.n_tokens());
         uint64_t parent = s.n_hashed ? s.block_hashes[static_cast<size_t>(s.n_hashed) - 1] : 0;
         uint64_t h = block_hash(parent, &s.tokens[static_cast<size_t>(s.n_hashed) * bs]);
         pool_.kv_block_set_hash(s.blocks[static_cast<size_t>(s.n_hashed)], h);
+        last_hashed_.emplace_back(s.blocks[static_cast<size_t>(s.n_hashed)], h);
         s.block_hashes.push_back(h);
         ++s.n_hashed;
     }
@@ -115,13 +118,28 @@ void Planner::hash_full_blocks(SeqState& s) {
 StepPlan Planner::schedule() {
     StepPlan plan;
     int32_t budget = opt_.max_batch_tokens;
+    // Prompt work (more than one pending token) is capped when the step also decodes.
+    bool decoding = false;
+    for (SeqId id : running_) {
+        const SeqState& s = *seqs_.at(id);
+        if (s.n_tokens() - s.n_computed == 1) {
+            decoding = true;
+            break;
+        }
+    }
+    int32_t prompt_budget =
+        decoding && opt_.max_prompt_tokens_mixed > 0 ? opt_.max_prompt_tokens_mixed : opt_.max_batch_tokens;
 
     // 1. Running sequences, oldest first. Each takes what it still needs (one token for a
     //    decode), preempting the newest running sequence when blocks run out.
     for (size_t i = 0; i < running_.size() && budget > 0;) {
         SeqState& s = *seqs_.at(running_[i]);
-        const int32_t n_new = std::min(s.n_tokens() - s.n_computed, budget);
-        assert(n_new > 0);
+        const int32_t pending = s.n_tokens() - s.n_computed;
+        const int32_t n_new = pending > 1 ? std::min({pending, budget, prompt_budget}) : std::min(pending, budget);
+        if (n_new <= 0) {
+            ++i;  // a prompt chunk waits for a step with prompt budget left
+            continue;
+        }
         bool ok = ensure_blocks(s, s.n_computed + n_new);
         while (!ok && running_.back() != s.id) {
             SeqState& victim = *seqs_.at(running_.back());
@@ -137,6 +155,7 @@ StepPlan Planner::schedule() {
         }
         plan.seqs.push_back({s.id, s.n_computed, n_new, s.n_computed + n_new == s.n_tokens()});
         budget -= n_new;
+        if (pending > 1) prompt_budget -= n_new;
         ++i;
     }
 
@@ -144,7 +163,7 @@ StepPlan Planner::schedule() {
     //    A preempted sequence sits at the front and is readmitted first, but not in the step
     //    that preempted it.
     const bool just_preempted = !plan.preempted.empty();
-    while (!just_preempted && budget > 0 && !waiting_.empty() &&
+    while (!just_preempted && budget > 0 && prompt_budget > 0 && !waiting_.empty() &&
            static_cast<int32_t>(running_.size()) < opt_.max_seqs) {
         SeqState& s = *seqs_.at(waiting_.front());
         const int32_t bs = pool_.block_size();
@@ -157,7 +176,8 @@ StepPlan Planner::schedule() {
             continue;
         }
         if (s.blocks.empty()) match_prefix(s);
-        const int32_t n_new = std::min(s.n_tokens() - s.n_computed, budget);
+        const int32_t pending = s.n_tokens() - s.n_computed;
+        const int32_t n_new = pending > 1 ? std::min({pending, budget, prompt_budget}) : std::min(pending, budget);
         if (!ensure_blocks(s, s.n_computed + n_new)) {
             release(s);  // give back prefix hits; retried next step
             break;
@@ -172,12 +192,14 @@ StepPlan Planner::schedule() {
         running_.push_back(s.id);
         plan.seqs.push_back({s.id, s.n_computed, n_new, s.n_computed + n_new == s.n_tokens()});
         budget -= n_new;
+        if (pending > 1) prompt_budget -= n_new;
     }
     plan.n_tokens = opt_.max_batch_tokens - budget;
     return plan;
 }
 
 void Planner::update(const StepPlan& plan, std::span<const TokenId> sampled) {
+    last_hashed_.clear();
     size_t k = 0;
     for (const PlannedSeq& p : plan.seqs) {
         auto it = seqs_.find(p.id);
@@ -186,12 +208,53 @@ void Planner::update(const StepPlan& plan, std::span<const TokenId> sampled) {
             continue;
         }
         SeqState& s = *it->second;
+        assert(!s.has_placeholder);  // patched before its next step
         s.n_computed = p.start + p.n_new;
         hash_full_blocks(s);
         if (p.wants_logits) {
             assert(k < sampled.size());
-            s.tokens.push_back(sampled[k++]);
+            s.tokens.push_back(sampled[k]);
+            s.has_placeholder = sampled[k] == k_token_placeholder;
+            ++k;
         }
+    }
+}
+
+void Planner::set_last_token(SeqId id, TokenId token) {
+    auto it = seqs_.find(id);
+    if (it == seqs_.end()) throw_error("planner: set_last_token for unknown sequence {}", id);
+    SeqState& s = *it->second;
+    if (!s.has_placeholder || s.tokens.empty() || s.tokens.back() != k_token_placeholder)
+        throw_error("planner: sequence {} has no placeholder token to set", id);
+    if (token == k_token_placeholder) throw_error("planner: set_last_token needs a real token (sequence {})", id);
+    s.tokens.back() = token;
+    s.has_placeholder = false;
+}
+
+void Planner::drop_last_hashes() {
+    // The pool has no call to forget a hash, so each block is re-registered under a key that
+    // no token chain produces in practice (a collision leaves the block with no hash at all).
+    constexpr uint64_t k_void_hash = 0x6e6f2d6b762d6865ull;
+    std::vector<int32_t> dropped;
+    for (auto [b, h] : last_hashed_) {
+        auto found = pool_.kv_block_lookup(h);
+        if (!found || *found != b) continue;  // evicted and handed out again since
+        const bool free = pool_.ref_count(b) == 0;
+        if (free) pool_.kv_block_ref(b);  // set_hash wants a held block
+        pool_.kv_block_set_hash(b, k_void_hash);
+        if (free) pool_.kv_block_free(b);
+        dropped.push_back(b);
+    }
+    last_hashed_.clear();
+    if (dropped.empty()) return;
+    std::sort(dropped.begin(), dropped.end());
+    const std::vector<SeqId> running = running_;
+    for (SeqId id : running) {
+        SeqState& s = *seqs_.at(id);
+        const bool holds = std::any_of(s.blocks.begin(), s.blocks.end(), [&](int32_t b) {
+            return std::binary_search(dropped.begin(), dropped.end(), b);
+        });
+        if (holds) preempt(s);
     }
 }
 

@@ -14,6 +14,12 @@
 //
 // schedule() returns a plan; the caller runs it and hands the sampled tokens to update(). All
 // KV bookkeeping for a step happens in those two calls.
+//
+// Pipelined use (the engine plans step k+1 while the device runs step k): update(plan_k) is
+// called at once with k_token_placeholder for every row that wants logits, then schedule()
+// plans step k+1, and set_last_token() patches each placeholder once step k's ids are known,
+// before step k+1's batch is built. Only computed positions are hashed and the placeholder
+// sits at the first position not yet computed, so it never enters a block hash.
 #include <cstdint>
 #include <deque>
 #include <memory>
@@ -29,10 +35,16 @@ namespace coinfer {
 
 using SeqId = uint64_t;
 
+// Stands for a token that the device is still sampling (see set_last_token).
+constexpr TokenId k_token_placeholder = -1;
+
 struct PlannerOptions {
     int32_t max_batch_tokens = 2048;  // tokens per step
     int32_t max_seqs = 256;           // sequences per step
     bool prefix_cache = true;
+    // Prompt tokens in a step that also decodes: a long prompt chunk would hold back every
+    // running stream's next token (inter-token latency spikes). 0: no cap beyond the budget.
+    int32_t max_prompt_tokens_mixed = 512;
 };
 
 enum SeqStatus {
@@ -50,6 +62,7 @@ struct SeqState {
     std::vector<uint64_t> block_hashes;  // hash chain of the leading full blocks
     SeqStatus status = SEQ_STATUS_WAITING;
     int32_t n_preempted = 0;
+    bool has_placeholder = false;  // tokens.back() is k_token_placeholder, awaiting set_last_token
 
     int32_t n_tokens() const { return static_cast<int32_t>(tokens.size()); }
     int32_t n_generated() const { return n_tokens() - n_prompt; }
@@ -90,8 +103,17 @@ public:
     StepPlan schedule();
     // Applies a step: n_computed catches up, full blocks are hashed, and each sequence that
     // wanted logits gets its sampled token appended (`sampled` is in plan order, one per
-    // wants_logits entry).
+    // wants_logits entry; sequences finished meanwhile are skipped). An entry may be
+    // k_token_placeholder while the step still runs: patch it with set_last_token before the
+    // sequence's next step is built or updated.
     void update(const StepPlan& plan, std::span<const TokenId> sampled);
+    // Replaces a sequence's placeholder (its last token) with the real sampled token; the
+    // sequence may have been preempted meanwhile. Throws Error when it has no placeholder.
+    void set_last_token(SeqId id, TokenId token);
+    // The step of the last update() failed, so the blocks it hashed hold no valid K/V: they
+    // leave the prefix cache, and a sequence that has picked one up since (a prefix hit in
+    // the next plan) is preempted to recompute. Call after finishing the failed sequences.
+    void drop_last_hashes();
 
     const SeqState* find(SeqId id) const;
     const SeqState& seq(SeqId id) const;
@@ -114,6 +136,7 @@ private:
     std::unordered_map<SeqId, std::unique_ptr<SeqState>> seqs_;
     std::vector<SeqId> running_;  // admission order: the back is the newest
     std::deque<SeqId> waiting_;
+    std::vector<std::pair<int32_t, uint64_t>> last_hashed_;  // (block, hash) set by the last update()
     PlannerStats stats_;
 };
 

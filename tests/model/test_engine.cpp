@@ -499,3 +499,75 @@ TEST_CASE("a request larger than the whole KV pool fails with too_long and is co
     CHECK(st.n_requests_finished == 1);
     CHECK(st.kv_blocks_free == 4);
 }
+
+TEST_CASE("stop strings that hit mid-stream, with the next step already in flight, give the reference text and free every block") {
+    // The engine plans and launches step k+1 before it detokenizes step k, so a stop string
+    // ends a sequence that already runs in step k+1: that row must be dropped, and nothing
+    // else may change.
+    auto model = stories();
+    if (!model) return;
+    struct Case {
+        Request req;
+        GenerateResult want;
+    };
+    BackendOptions bo;
+    bo.n_blocks = 16;
+    auto ref_backend = make_cpu_backend(model, bo);
+    KvBlockPool ref_pool(ref_backend->n_blocks(), ref_backend->block_size());
+    auto run_ref = [&](const Request& r) {
+        GenerateOptions g;
+        g.max_tokens = r.max_tokens;
+        g.sampling = r.sampling;
+        g.stop = r.stop;
+        return generate(*ref_backend, ref_pool, *model, model->tokenizer().encode(r.prompt, true, true), g);
+    };
+    std::vector<Case> cases;
+    int n_mid_stream = 0;
+    for (size_t i = 0; i < std::size(k_prompts); ++i) {
+        Request plain = greedy(k_prompts[i], 48);
+        GenerateResult full = run_ref(plain);
+        cases.push_back({plain, full});
+        // A stop string taken from a third of the way into the text: it hits mid-stream.
+        if (full.text.size() < 12) continue;
+        Request stopped = plain;
+        stopped.stop = {"no such text", full.text.substr(full.text.size() / 3, 3)};
+        GenerateResult want = run_ref(stopped);
+        n_mid_stream += want.finish_reason == "stop" && want.ids.size() < full.ids.size();
+        cases.push_back({stopped, want});
+    }
+    REQUIRE(n_mid_stream >= 5);
+
+    asio::io_context io;
+    Engine engine(io.get_executor(), options(128));
+    const int32_t free_before = engine.stats().kv_blocks_free;
+    std::mt19937 rng(5);
+    int n_ok = 0, n_done = 0, n_stop_hits = 0;
+    const int n_requests = 300;
+    for (int i = 0; i < n_requests; ++i) {
+        const Case& c = cases[rng() % cases.size()];
+        engine.async_complete(c.req, [&](std::error_code ec, Completion got) {
+            ++n_done;
+            CHECK(!ec);
+            const bool same = got.ids == c.want.ids && got.text == c.want.text &&
+                              (got.finish_reason == FINISH_REASON_STOP) == (c.want.finish_reason == "stop");
+            if (!same) MESSAGE("mismatch for '" << c.req.prompt << "' with " << c.req.stop.size() << " stop strings");
+            n_ok += same;
+            n_stop_hits += !c.req.stop.empty() && got.finish_reason == FINISH_REASON_STOP;
+        });
+    }
+    io.run();
+    auto settled = [&] {
+        auto st = engine.stats();
+        return st.kv_blocks_free == free_before && st.n_running == 0 && st.n_waiting == 0;
+    };
+    for (int i = 0; i < 200 && !settled(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    MESSAGE(n_stop_hits << " requests ended on a stop string; " << engine.stats().n_preemptions << " preemptions");
+    CHECK(n_done == n_requests);
+    CHECK(n_ok == n_requests);
+    CHECK(n_stop_hits > 50);
+    auto st = engine.stats();
+    CHECK(st.kv_blocks_free == free_before);
+    CHECK(st.n_running == 0);
+    CHECK(st.n_waiting == 0);
+    CHECK(st.n_requests_finished == n_requests);
+}

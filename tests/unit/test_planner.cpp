@@ -400,6 +400,40 @@ TEST_CASE("decodes come before prefill") {
     sim.drain();
 }
 
+TEST_CASE("a step that decodes takes at most max_prompt_tokens_mixed prompt tokens") {
+    Sim sim(256, 16, {.max_batch_tokens = 256, .max_seqs = 16, .prefix_cache = false, .max_prompt_tokens_mixed = 40});
+    // Nothing decodes yet: the whole budget goes to prompts.
+    sim.add(1, iota_tokens(10, 1));
+    sim.add(2, iota_tokens(100, 100));
+    StepPlan p0 = sim.step();
+    REQUIRE(p0.seqs.size() == 2);
+    CHECK(p0.seqs[1].n_new == 100);
+    CHECK(p0.n_tokens == 110);
+
+    // Both decode now; two new prompts share 40 prompt tokens (a chunk of the second).
+    sim.add(3, iota_tokens(30, 300));
+    sim.add(4, iota_tokens(50, 400));
+    StepPlan p1 = sim.step();
+    REQUIRE(p1.seqs.size() == 4);
+    CHECK(p1.seqs[0].n_new == 1);
+    CHECK(p1.seqs[1].n_new == 1);
+    CHECK(p1.seqs[2].id == 3);
+    CHECK(p1.seqs[2].n_new == 30);
+    CHECK(p1.seqs[3].id == 4);
+    CHECK(p1.seqs[3].n_new == 10);
+    CHECK_FALSE(p1.seqs[3].wants_logits);
+    CHECK(p1.n_tokens == 42);
+
+    // The running prompt of 4 continues under the same cap, behind three decodes.
+    StepPlan p2 = sim.step();
+    REQUIRE(p2.seqs.size() == 4);
+    CHECK(p2.seqs[3].id == 4);
+    CHECK(p2.seqs[3].start == 10);
+    CHECK(p2.seqs[3].n_new == 40);
+    CHECK(p2.n_tokens == 43);
+    sim.drain();
+}
+
 TEST_CASE("chunked prefill: 100 tokens under a budget of 32") {
     SUBCASE("alone") {
         Sim sim(64, 16, {.max_batch_tokens = 32, .max_seqs = 8, .prefix_cache = true});
@@ -763,4 +797,153 @@ TEST_CASE("finish frees everything at once") {
         sim.check_refcounts();
     }
     sim.drain();
+}
+
+// ---- pipelined use: update with placeholders while the step runs, patch afterwards ----
+
+TEST_CASE("pipelining: a placeholder is patched before its block is hashed, and the hash is the unspeculated one") {
+    const int32_t bs = 4;
+    const std::vector<TokenId> prompt = iota_tokens(7, 1);  // the first token sampled fills block 1
+    const TokenId first = 42, second = 43;
+
+    // Without speculation: update gets the real tokens.
+    KvBlockPool pool_ref(8, bs);
+    Planner ref(pool_ref, {.max_batch_tokens = 16, .max_seqs = 4, .prefix_cache = true});
+    ref.add(1, prompt);
+    StepPlan r1 = ref.schedule();
+    ref.update(r1, std::vector<TokenId>{first});
+    StepPlan r2 = ref.schedule();
+    ref.update(r2, std::vector<TokenId>{second});
+
+    // With speculation: each step is applied with a placeholder, the next one planned, then patched.
+    KvBlockPool pool(8, bs);
+    Planner planner(pool, {.max_batch_tokens = 16, .max_seqs = 4, .prefix_cache = true});
+    planner.add(1, prompt);
+    StepPlan p1 = planner.schedule();
+    REQUIRE(p1.seqs.size() == 1);
+    CHECK(p1.seqs[0].wants_logits);
+    planner.update(p1, std::vector<TokenId>{k_token_placeholder});
+    const SeqState& s = planner.seq(1);
+    CHECK(s.n_computed == 7);
+    CHECK(s.n_tokens() == 8);
+    CHECK(s.has_placeholder);
+    CHECK(s.tokens.back() == k_token_placeholder);
+    CHECK(s.n_hashed == 1);  // block 1 holds the placeholder and is not computed yet
+
+    StepPlan p2 = planner.schedule();  // planned while step 1 "runs"
+    REQUIRE(p2.seqs.size() == 1);
+    CHECK(p2.seqs[0].start == 7);
+    CHECK(p2.seqs[0].n_new == 1);
+    CHECK(p2.seqs[0].wants_logits);
+    planner.set_last_token(1, first);
+    CHECK_FALSE(s.has_placeholder);
+    CHECK(s.tokens[7] == first);
+    CHECK_THROWS_AS(planner.set_last_token(1, 5), Error);   // no placeholder any more
+    CHECK_THROWS_AS(planner.set_last_token(99, 5), Error);  // no such sequence
+
+    planner.update(p2, std::vector<TokenId>{k_token_placeholder});
+    CHECK(s.n_hashed == 2);  // block 1, with the patched token, is hashed now
+    planner.set_last_token(1, second);
+    CHECK(s.tokens == ref.seq(1).tokens);
+    CHECK(s.block_hashes == ref.seq(1).block_hashes);
+    CHECK(s.n_computed == ref.seq(1).n_computed);
+
+    // A new prompt sharing the 8 tokens finds both blocks.
+    std::vector<TokenId> shared(s.tokens.begin(), s.tokens.begin() + 8);
+    shared.push_back(7);
+    planner.add(2, shared);
+    StepPlan p3 = planner.schedule();
+    const PlannedSeq* two = find_planned(p3, 2);
+    REQUIRE(two != nullptr);
+    CHECK(two->start == 8);
+    CHECK(planner.stats().prefix_hit_tokens == 8);
+    planner.update(p3, std::vector<TokenId>{k_token_placeholder, k_token_placeholder});
+    planner.set_last_token(1, 50);
+    planner.set_last_token(2, 51);
+    planner.finish(1);
+    planner.finish(2);
+    CHECK(pool.n_free() == pool.n_blocks());
+}
+
+TEST_CASE("pipelining: a sequence preempted while its token is a placeholder is patched and recomputed with it") {
+    const int32_t bs = 4;
+    KvBlockPool pool(3, bs);
+    Planner planner(pool, {.max_batch_tokens = 16, .max_seqs = 4, .prefix_cache = true});
+    planner.add(1, iota_tokens(4, 1));
+    planner.add(2, iota_tokens(4, 100));
+    StepPlan p1 = planner.schedule();
+    REQUIRE(p1.seqs.size() == 2);
+    planner.update(p1, std::vector<TokenId>{k_token_placeholder, k_token_placeholder});
+    // Each needs a second block for position 4 and only one is left: 2, the newest, goes.
+    StepPlan p2 = planner.schedule();
+    REQUIRE(p2.seqs.size() == 1);
+    CHECK(p2.seqs[0].id == 1);
+    REQUIRE(p2.preempted == std::vector<SeqId>{2});
+    const SeqState& two = planner.seq(2);
+    CHECK(two.status == SEQ_STATUS_WAITING);
+    CHECK(two.n_computed == 0);
+    CHECK(two.has_placeholder);
+    planner.set_last_token(1, 10);
+    planner.set_last_token(2, 20);  // its result still arrives
+    CHECK(two.tokens.back() == 20);
+    CHECK_FALSE(two.has_placeholder);
+
+    SUBCASE("its token ends it (EOS): finish takes a waiting sequence") {
+        planner.finish(2);
+        CHECK(planner.find(2) == nullptr);
+        CHECK(planner.n_waiting() == 0);
+        planner.update(p2, std::vector<TokenId>{k_token_placeholder});
+        planner.set_last_token(1, 11);
+        planner.finish(1);
+    }
+    SUBCASE("it comes back with its patched token") {
+        planner.update(p2, std::vector<TokenId>{k_token_placeholder});
+        planner.set_last_token(1, 11);
+        planner.finish(1);
+        StepPlan p3 = planner.schedule();
+        REQUIRE(p3.seqs.size() == 1);
+        CHECK(p3.seqs[0].id == 2);
+        CHECK(p3.seqs[0].start == 4);  // its full block 0 was hashed at update and is found again
+        CHECK(p3.seqs[0].n_new == 1);
+        CHECK(p3.seqs[0].wants_logits);
+        CHECK(planner.seq(2).tokens[4] == 20);
+        planner.update(p3, std::vector<TokenId>{21});
+        planner.finish(2);
+    }
+    CHECK(planner.idle());
+    CHECK(pool.n_free() == pool.n_blocks());
+}
+
+TEST_CASE("pipelining: a failed step's hashes leave the prefix cache, and a sequence that picked one up recomputes") {
+    const int32_t bs = 4;
+    KvBlockPool pool(16, bs);
+    Planner planner(pool, {.max_batch_tokens = 32, .max_seqs = 4, .prefix_cache = true});
+    const std::vector<TokenId> prompt = iota_tokens(9, 1);
+    planner.add(1, prompt);
+    StepPlan p1 = planner.schedule();
+    planner.update(p1, std::vector<TokenId>{k_token_placeholder});
+    const std::vector<uint64_t> hashes = planner.seq(1).block_hashes;
+    REQUIRE(hashes.size() == 2);
+    // Planned while step 1 runs: 3 shares 1's first 8 tokens and hits both blocks.
+    planner.add(3, concat(std::vector<TokenId>(prompt.begin(), prompt.begin() + 8), {77, 78}));
+    StepPlan p2 = planner.schedule();
+    const PlannedSeq* three = find_planned(p2, 3);
+    REQUIRE(three != nullptr);
+    CHECK(three->start == 8);
+    // Step 1 fails: the engine finishes its sequences, then drops the step's hashes.
+    planner.finish(1);
+    planner.drop_last_hashes();
+    CHECK_FALSE(pool.kv_block_lookup(hashes[0]).has_value());
+    CHECK_FALSE(pool.kv_block_lookup(hashes[1]).has_value());
+    const SeqState& s3 = planner.seq(3);
+    CHECK(s3.status == SEQ_STATUS_WAITING);  // preempted: its plan entry is stale now
+    CHECK(s3.n_computed == 0);
+    CHECK(pool.n_free() == pool.n_blocks());
+    StepPlan p3 = planner.schedule();
+    REQUIRE(p3.seqs.size() == 1);
+    CHECK(p3.seqs[0].id == 3);
+    CHECK(p3.seqs[0].start == 0);  // no stale hit
+    planner.update(p3, std::vector<TokenId>{5});
+    planner.finish(3);
+    CHECK(pool.n_free() == pool.n_blocks());
 }
