@@ -42,6 +42,7 @@ struct Options {
     bool batch_invariant = false;
     int32_t max_batch_tokens = 2048;
     int32_t max_seqs = 256;
+    int32_t max_prompt_mixed = 512;
     uint64_t seed = 42;
     float temperature = 0.0f;
     bool json_stdout = false;
@@ -294,6 +295,7 @@ json run_serve(const ServeOptions& so, const Options& o, std::shared_ptr<const M
     eo.backend.n_threads = o.n_threads;
     eo.planner.max_batch_tokens = o.max_batch_tokens;
     eo.planner.max_seqs = o.max_seqs;
+    eo.planner.max_prompt_tokens_mixed = o.max_prompt_mixed;
     eo.max_waiting = static_cast<int32_t>(std::max<int64_t>(4096, n_requests));
     asio::io_context io;
     Engine engine(io.get_executor(), eo);
@@ -634,6 +636,7 @@ int cmd_bench(Args& args) {
             "  --batch-invariant          cuda: GEMV kernels only, same bits in any batch (slower)\n"
             "  --max-batch-tokens N       tokens per forward pass (default 2048)\n"
             "  --max-seqs N               sequences per step, serve (default 256)\n"
+            "  --max-prompt-mixed N       prompt tokens in a step that also decodes, serve (default 512, 0: no cap)\n"
             "  --seed S                   prompt tokens and lengths (default 42)\n"
             "  --json [FILE]              results as JSON to FILE, or to stdout (text goes to stderr)\n\n"
             "--mode serve (through the async engine, ignore_eos on):\n"
@@ -660,6 +663,7 @@ int cmd_bench(Args& args) {
     const int64_t kv_blocks = args.int_value("--kv-blocks").value_or(0);
     const int64_t mbt = args.int_value("--max-batch-tokens").value_or(2048);
     const int64_t max_seqs = args.int_value("--max-seqs").value_or(256);
+    const int64_t max_prompt_mixed = args.int_value("--max-prompt-mixed").value_or(512);
     o.seed = static_cast<uint64_t>(args.int_value("--seed").value_or(42));
     o.temperature = static_cast<float>(args.float_value("--temp").value_or(0.0));
     if (o.model_path.empty()) throw UsageError("missing -m MODEL");
@@ -670,12 +674,14 @@ int cmd_bench(Args& args) {
     if (kv_blocks < 0 || kv_blocks > (1 << 24)) throw UsageError("--kv-blocks is out of range");
     if (mbt < 1 || mbt > (1 << 20)) throw UsageError("--max-batch-tokens is out of range");
     if (max_seqs < 1 || max_seqs > (1 << 16)) throw UsageError("--max-seqs is out of range");
+    if (max_prompt_mixed < 0 || max_prompt_mixed > (1 << 20)) throw UsageError("--max-prompt-mixed is out of range");
     if (!(o.temperature >= 0 && std::isfinite(o.temperature))) throw UsageError("--temp must be >= 0");
     o.n_threads = static_cast<int32_t>(threads);
     o.kv_blocks = static_cast<int32_t>(kv_blocks);
     o.batch_invariant = args.flag("--batch-invariant");
     o.max_batch_tokens = static_cast<int32_t>(mbt);
     o.max_seqs = static_cast<int32_t>(max_seqs);
+    o.max_prompt_mixed = static_cast<int32_t>(max_prompt_mixed);
     ServeOptions so;
     BatchedOptions bopt;
     if (mode == "serve") so = parse_serve(args);

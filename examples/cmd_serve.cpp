@@ -41,6 +41,7 @@ int cmd_serve(Args& args) {
             "  -t, --threads N          CPU threads (default 1)\n"
             "  --max-batch-tokens N     tokens per engine step (default 2048)\n"
             "  --max-seqs N             sequences per engine step (default 256)\n"
+            "  --max-prompt-mixed N     prompt tokens in a step that also decodes (default 512, 0: no cap)\n"
             "  --kv-blocks N            KV cache blocks (default: the backend's choice)\n"
             "  --batch-invariant        cuda: same bits alone or in any batch (slower big batches)\n");
         return 0;
@@ -73,6 +74,7 @@ int cmd_serve(Args& args) {
     eopt.backend.batch_invariant = args.flag("--batch-invariant");
     eopt.planner.max_batch_tokens = static_cast<int32_t>(int_in(args, "--max-batch-tokens", 2048, 1, 1 << 20));
     eopt.planner.max_seqs = static_cast<int32_t>(int_in(args, "--max-seqs", 256, 1, 1 << 16));
+    eopt.planner.max_prompt_tokens_mixed = static_cast<int32_t>(int_in(args, "--max-prompt-mixed", 512, 0, 1 << 20));
     eopt.n_ctx = static_cast<int32_t>(int_in(args, "--ctx-size", 0, 0, 1 << 24, "-c"));
     if (!model_path) throw UsageError("missing -m MODEL");
     if (!args.positionals().empty()) throw UsageError("unexpected argument");
