@@ -218,15 +218,25 @@ private:
     struct Bufs {
         float *x, *h, *q, *k, *v, *attn, *g, *u, *tmp, *lg, *part;
     };
+    // Prompt runs for the tiled prefill attention: tiles [n_tiles, 2], the other tokens listed
+    // in singles. n_tiles == 0: every token goes to the decode kernels.
+    struct AttnSplit {
+        const int32_t* tiles = nullptr;
+        int64_t n_tiles = 0;
+        const int32_t* singles = nullptr;
+        int64_t n_singles = 0;
+    };
     static constexpr int32_t k_graph_max = 256;  // largest graph bucket
     static constexpr int32_t k_graph_buckets = 9;  // 1, 2, 4, ..., 256
 
     void run(const Batch& b);  // leaves logits of b.logit_rows in cur_logits_
     bool run_graph(const Batch& b);
+    void capture_graph(int32_t bucket);  // graph_ints_ and graph_bufs_ must exist
     int32_t pack_ints(const Batch& b, int32_t stride, int32_t* hi) const;
     Bufs scratch_bufs(int64_t n, int64_t n_out, int64_t max_ctx);
     kn::AttentionParams attn_params() const;
-    void encode(int64_t n, int64_t n_out, int64_t max_ctx, int32_t stride, const int32_t* di, const Bufs& B);
+    void encode(int64_t n, int64_t n_out, int64_t max_ctx, int32_t stride, const int32_t* di, const Bufs& B,
+                const AttnSplit& as);
     DevWeight upload(const WeightView& w, const char* what);
     DevWeight upload_fused(std::initializer_list<std::pair<const WeightView*, DevWeight*>> parts, const char* what);
     float* upload_floats(const std::vector<float>& v, const char* what);
@@ -512,7 +522,7 @@ kn::AttentionParams CudaBackend::attn_params() const {
 // The forward pass as a sequence of launches on stream_ (no host sync, no allocation, so it can
 // be captured into a graph). di: the packed ints of pack_ints.
 void CudaBackend::encode(int64_t n, int64_t n_out, int64_t max_ctx, int32_t stride, const int32_t* di,
-                         const Bufs& B) {
+                         const Bufs& B, const AttnSplit& as) {
     const int64_t d = c_.n_embd, hd = c_.head_dim;
     const int64_t n_ff = c_.n_ff;
     const int32_t *d_tok = di, *d_pos = di + n, *d_slot = di + 2 * n, *d_seq = di + 3 * n;
@@ -559,8 +569,15 @@ void CudaBackend::encode(int64_t n, int64_t n_out, int64_t max_ctx, int32_t stri
         }
         kn::rope_kv_write(rp, q, k, v, L.bq, L.bk, L.bv, d_pos, d_slot, n, k_cache_[l], v_cache_[l], kv_f16_, stream_);
         mark("rope_kv_write");
-        kn::paged_attention(ap, q, k_cache_[l], v_cache_[l], d_pos, d_seq, d_tables, stride, n, max_ctx, B.part, attn,
-                            stream_);
+        if (as.n_tiles > 0) {
+            kn::paged_attention_prefill(ap, q, k_cache_[l], v_cache_[l], d_pos, d_seq, d_tables, stride, as.tiles,
+                                        as.n_tiles, attn, stream_);
+            kn::paged_attention(ap, q, k_cache_[l], v_cache_[l], d_pos, d_seq, d_tables, stride, as.n_singles, max_ctx,
+                                B.part, attn, stream_, as.singles);
+        } else {
+            kn::paged_attention(ap, q, k_cache_[l], v_cache_[l], d_pos, d_seq, d_tables, stride, n, max_ctx, B.part,
+                                attn, stream_);
+        }
         mark("attention");
         mm(L.wo, attn, n, tmp, "matmul o");
         kn::rms_norm(x, tmp, nullptr, true, L.ffn_norm, h, n, d, c_.rms_eps, stream_);
@@ -645,25 +662,34 @@ bool CudaBackend::run_graph(const Batch& b) {
                                stream_));
     auto& exec = graph_exec_[size_t(std::countr_zero(uint32_t(bucket)))];
     if (!exec) {
-        cudaGraph_t graph = nullptr;
-        CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
-        try {
-            encode(B, B, max_ctx, stride, graph_ints_, graph_bufs_);
-        } catch (...) {
-            cudaStreamEndCapture(stream_, &graph);
-            if (graph) cudaGraphDestroy(graph);
-            (void)cudaGetLastError();
-            graphs_enabled_ = false;  // fall back to eager launches for good
-            throw;
-        }
-        CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
-        const cudaError_t e = cudaGraphInstantiate(&exec, graph, 0);
-        cudaGraphDestroy(graph);
-        CUDA_CHECK(e);
+        // Every bucket at once: a capture costs tens of milliseconds, which in the middle of
+        // serving would stall all running streams (inter-token latency spikes).
+        for (int32_t b = 1; b <= k_graph_max; b *= 2) capture_graph(b);
     }
     CUDA_CHECK(cudaGraphLaunch(exec, stream_));
     cur_logits_ = graph_bufs_.lg;
     return true;
+}
+
+void CudaBackend::capture_graph(int32_t bucket) {
+    auto& exec = graph_exec_[size_t(std::countr_zero(uint32_t(bucket)))];
+    if (exec) return;
+    cudaGraph_t graph = nullptr;
+    CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+    try {
+        encode(bucket, bucket, int64_t(graph_stride_) * opt_.block_size, graph_stride_, graph_ints_, graph_bufs_,
+               AttnSplit{});
+    } catch (...) {
+        cudaStreamEndCapture(stream_, &graph);
+        if (graph) cudaGraphDestroy(graph);
+        (void)cudaGetLastError();
+        graphs_enabled_ = false;  // fall back to eager launches for good
+        throw;
+    }
+    CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
+    const cudaError_t e = cudaGraphInstantiate(&exec, graph, 0);
+    cudaGraphDestroy(graph);
+    CUDA_CHECK(e);
 }
 
 void CudaBackend::run(const Batch& b) {
@@ -673,13 +699,42 @@ void CudaBackend::run(const Batch& b) {
     const int64_t n_out = static_cast<int64_t>(b.logit_rows.size());
     int32_t stride = 1;
     for (const auto& t : b.block_tables) stride = std::max<int32_t>(stride, static_cast<int32_t>(t.size()));
-    const size_t n_ints = size_t(4 * n + n_out) + size_t(b.n_seqs()) * size_t(stride);
-    h_ints_.assign(n_ints, 0);
+    const size_t n_base = size_t(4 * n + n_out) + size_t(b.n_seqs()) * size_t(stride);
+    h_ints_.assign(n_base, 0);
     const int32_t max_pos = pack_ints(b, stride, h_ints_.data());
+    // Prompt runs (2+ tokens of a sequence at consecutive positions) go to the tiled prefill
+    // attention, whose sums run in another order: never when batch-invariant.
+    const int32_t qt = opt_.batch_invariant ? 0 : kn::prefill_tile_tokens(attn_params());
+    std::vector<int32_t> tiles, singles;
+    if (qt > 0) {
+        for (int64_t t = 0; t < n;) {
+            int64_t e = t + 1;
+            while (e < n && b.seq[e] == b.seq[t] && b.positions[e] == b.positions[e - 1] + 1) ++e;
+            if (e - t >= 2) {
+                for (int64_t s0 = t; s0 < e; s0 += qt) {
+                    tiles.push_back(int32_t(s0));
+                    tiles.push_back(int32_t(std::min<int64_t>(qt, e - s0)));
+                }
+            } else {
+                singles.push_back(int32_t(t));
+            }
+            t = e;
+        }
+    }
+    h_ints_.insert(h_ints_.end(), tiles.begin(), tiles.end());
+    h_ints_.insert(h_ints_.end(), singles.begin(), singles.end());
+    const size_t n_ints = h_ints_.size();
     int32_t* di = ints_.get(n_ints, "batch indices");
     CUDA_CHECK(cudaMemcpyAsync(di, h_ints_.data(), n_ints * sizeof(int32_t), cudaMemcpyHostToDevice, stream_));
+    AttnSplit as;
+    if (!tiles.empty()) {
+        as.tiles = di + n_base;
+        as.n_tiles = int64_t(tiles.size() / 2);
+        as.singles = di + n_base + tiles.size();
+        as.n_singles = int64_t(singles.size());
+    }
     const Bufs B = scratch_bufs(n, n_out, int64_t(max_pos) + 1);
-    encode(n, n_out, int64_t(max_pos) + 1, stride, di, B);
+    encode(n, n_out, int64_t(max_pos) + 1, stride, di, B, as);
     cur_logits_ = B.lg;
 }
 

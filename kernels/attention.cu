@@ -124,8 +124,8 @@ __global__ void __launch_bounds__(k_attn_threads)
 split_kernel(AttentionParams p, const float* __restrict__ q, int64_t q_stride, const KV* __restrict__ k_cache,
              const KV* __restrict__ v_cache, const int32_t* __restrict__ positions, const int32_t* __restrict__ seq,
              const int32_t* __restrict__ block_tables, int32_t table_stride, int32_t max_splits,
-             float* __restrict__ part, float* __restrict__ out) {
-    const int64_t t = blockIdx.x;
+             float* __restrict__ part, float* __restrict__ out, const int32_t* __restrict__ token_ids) {
+    const int64_t t = token_ids ? token_ids[blockIdx.x] : blockIdx.x;
     const int g = blockIdx.y, sp = blockIdx.z;
     const int hd = HD > 0 ? HD : p.head_dim, G = p.n_head / p.n_head_kv;
     const int n_ctx = positions[t] + 1;
@@ -262,8 +262,9 @@ split_kernel(AttentionParams p, const float* __restrict__ q, int64_t q_stride, c
 }
 
 __global__ void merge_kernel(AttentionParams p, const int32_t* __restrict__ positions, int32_t max_splits,
-                             const float* __restrict__ part, float* __restrict__ out) {
-    const int64_t t = blockIdx.x;
+                             const float* __restrict__ part, float* __restrict__ out,
+                             const int32_t* __restrict__ token_ids) {
+    const int64_t t = token_ids ? token_ids[blockIdx.x] : blockIdx.x;
     const int h = blockIdx.y, hd = p.head_dim;
     const int used = n_splits_for(positions[t] + 1);
     if (used == 1) return;  // written by split_kernel
@@ -297,8 +298,8 @@ __global__ void __launch_bounds__(k_attn_threads)
 head_split_kernel(AttentionParams p, const float* __restrict__ q, int64_t q_stride, const KV* __restrict__ k_cache,
              const KV* __restrict__ v_cache, const int32_t* __restrict__ positions, const int32_t* __restrict__ seq,
              const int32_t* __restrict__ block_tables, int32_t table_stride, int32_t n_splits,
-             float* __restrict__ part) {
-    const int64_t t = blockIdx.x;
+             float* __restrict__ part, const int32_t* __restrict__ token_ids) {
+    const int64_t t = token_ids ? token_ids[blockIdx.x] : blockIdx.x;
     const int h = blockIdx.y, sp = blockIdx.z;
     const int hd = p.head_dim;
     const int n_ctx = positions[t] + 1;
@@ -387,8 +388,9 @@ head_split_kernel(AttentionParams p, const float* __restrict__ q, int64_t q_stri
 }
 
 __global__ void head_merge_kernel(AttentionParams p, const int32_t* __restrict__ positions, int32_t n_splits,
-                             const float* __restrict__ part, float* __restrict__ out) {
-    const int64_t t = blockIdx.x;
+                             const float* __restrict__ part, float* __restrict__ out,
+                             const int32_t* __restrict__ token_ids) {
+    const int64_t t = token_ids ? token_ids[blockIdx.x] : blockIdx.x;
     const int h = blockIdx.y, hd = p.head_dim;
     const int used = (positions[t] + k_head_split) / k_head_split;  // splits with positions
     const float* base = part + (t * p.n_head + h) * int64_t(n_splits) * (hd + 2);
@@ -401,6 +403,162 @@ __global__ void head_merge_kernel(AttentionParams p, const int32_t* __restrict__
         float acc = 0.0f;
         for (int s = 0; s < used; ++s) acc += base[s * (hd + 2) + 2 + i] * expf(base[s * (hd + 2)] - m);
         out[t * int64_t(p.n_head) * hd + int64_t(h) * hd + i] = acc * inv;
+    }
+}
+
+// ---- Prompt runs: one CUDA block per (tile of consecutive tokens of one sequence, KV head) ----
+// The block's 64 query rows are the GQA group's heads x the tile's tokens (64 / G tokens), so
+// each K/V tile of the cache is staged once for all of them. Scores and P V use 4 x TP/8 and
+// 4 x HD/8 register tiles per thread (rows ty + 16 i, positions / dims tx + 8 j), with an FP32
+// online softmax per row; causal masking per row by its token's position.
+constexpr int k_pf_rows = 64;
+
+template <int HD>
+constexpr int pf_tile_positions() { return HD <= 64 ? 64 : 32; }
+
+template <int HD>
+constexpr size_t pf_smem_floats() {
+    constexpr int TP = pf_tile_positions<HD>();
+    return size_t(k_pf_rows) * HD + size_t(TP) * (HD + 4) + size_t(TP) * HD + size_t(k_pf_rows) * (TP + 4);
+}
+
+template <typename KV, int HD>
+__global__ void __launch_bounds__(k_attn_threads)
+prefill_kernel(AttentionParams p, const float* __restrict__ q, int64_t q_stride, const KV* __restrict__ k_cache,
+               const KV* __restrict__ v_cache, const int32_t* __restrict__ positions, const int32_t* __restrict__ seq,
+               const int32_t* __restrict__ block_tables, int32_t table_stride, const int32_t* __restrict__ tiles,
+               float* __restrict__ out) {
+    constexpr int TP = pf_tile_positions<HD>();
+    constexpr int PJ = TP / 8, DJ = HD / 8;
+    const int g = blockIdx.y, G = p.n_head / p.n_head_kv, QT = k_pf_rows / G;
+    const int64_t t0 = tiles[2 * blockIdx.x];
+    const int n_tok = tiles[2 * blockIdx.x + 1];
+    const int tid = threadIdx.x, tx = tid & 7, ty = tid >> 3;
+    const int64_t n_kv = int64_t(p.n_head_kv) * HD;
+    const int32_t* table = block_tables + int64_t(seq[t0]) * table_stride;
+
+    extern __shared__ float smem[];
+    float* sq = smem;                      // [64][HD]
+    float* sk = sq + k_pf_rows * HD;       // [TP][HD + 4]
+    float* sv = sk + TP * (HD + 4);        // [TP][HD]
+    float* sp = sv + TP * HD;              // [64][TP + 4]
+
+    // Row r: head g * G + r / QT, token t0 + r % QT (rows past the tile's tokens are idle).
+    for (int idx = tid; idx < k_pf_rows * HD; idx += k_attn_threads) {
+        const int r = idx / HD, i = idx % HD, tq = r % QT;
+        sq[idx] = tq < n_tok ? q[(t0 + tq) * q_stride + int64_t(g * G + r / QT) * HD + i] : 0.0f;
+    }
+    int row_pos[4];
+    bool row_ok[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int tq = (ty + 16 * i) % QT;
+        row_ok[i] = tq < n_tok;
+        row_pos[i] = row_ok[i] ? positions[t0 + tq] : -1;
+    }
+    const int last_pos = positions[t0 + n_tok - 1];
+    float m[4], l[4], o[4][DJ];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        m[i] = -INFINITY;
+        l[i] = 0.0f;
+#pragma unroll
+        for (int d = 0; d < DJ; ++d) o[i][d] = 0.0f;
+    }
+    for (int p0 = 0; p0 <= last_pos; p0 += TP) {
+        const int len = min(TP, last_pos + 1 - p0);
+        __syncthreads();  // the previous tile is consumed (and sq is written on the first)
+        load_tile<KV>(k_cache, v_cache, table, p.block_size, n_kv, int64_t(g) * HD, HD, p0, len, sk, sv);
+        __syncthreads();
+        float sc[4][PJ];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int j = 0; j < PJ; ++j) sc[i][j] = 0.0f;
+#pragma unroll 4
+        for (int c = 0; c < HD; c += 4) {
+            float4 qv[4], kv[PJ];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) qv[i] = *reinterpret_cast<const float4*>(sq + (ty + 16 * i) * HD + c);
+#pragma unroll
+            for (int j = 0; j < PJ; ++j) kv[j] = *reinterpret_cast<const float4*>(sk + (tx + 8 * j) * (HD + 4) + c);
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int j = 0; j < PJ; ++j) {
+                    float a = sc[i][j];
+                    a = fmaf(qv[i].x, kv[j].x, a);
+                    a = fmaf(qv[i].y, kv[j].y, a);
+                    a = fmaf(qv[i].z, kv[j].z, a);
+                    a = fmaf(qv[i].w, kv[j].w, a);
+                    sc[i][j] = a;
+                }
+        }
+        float r_scale[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            float mx = -INFINITY;
+#pragma unroll
+            for (int j = 0; j < PJ; ++j) {
+                const int pos = p0 + tx + 8 * j;
+                sc[i][j] = pos < p0 + len && pos <= row_pos[i] ? sc[i][j] * p.scale : -INFINITY;
+                mx = fmaxf(mx, sc[i][j]);
+            }
+            // The 8 threads of a row group are adjacent lanes.
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+            const float m_new = fmaxf(m[i], mx);
+            // A row with nothing visible yet (or idle) keeps zero weights.
+            const bool none = m_new == -INFINITY;
+            r_scale[i] = none || m[i] == -INFINITY ? 0.0f : expf(m[i] - m_new);
+            float sum = 0.0f;
+#pragma unroll
+            for (int j = 0; j < PJ; ++j) {
+                const float e = none ? 0.0f : expf(sc[i][j] - m_new);
+                sp[(ty + 16 * i) * (TP + 4) + tx + 8 * j] = e;
+                sum += e;
+            }
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 4);
+            l[i] = l[i] * r_scale[i] + sum;
+            m[i] = m_new;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int d = 0; d < DJ; ++d) o[i][d] *= r_scale[i];
+        for (int j = 0; j < len; j += 4) {
+            float4 pv[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) pv[i] = *reinterpret_cast<const float4*>(sp + (ty + 16 * i) * (TP + 4) + j);
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                if (j + u >= len) break;
+                const float* vr = sv + (j + u) * HD + tx;
+#pragma unroll
+                for (int d = 0; d < DJ; ++d) {
+                    const float vv = vr[8 * d];
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        const float pw = u == 0 ? pv[i].x : u == 1 ? pv[i].y : u == 2 ? pv[i].z : pv[i].w;
+                        o[i][d] = fmaf(pw, vv, o[i][d]);
+                    }
+                }
+            }
+        }
+    }
+    const int64_t n_q = int64_t(p.n_head) * HD;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        if (!row_ok[i]) continue;
+        const int r = ty + 16 * i;
+        float* dst = out + (t0 + r % QT) * n_q + int64_t(g * G + r / QT) * HD;
+        const float inv = 1.0f / l[i];
+#pragma unroll
+        for (int d = 0; d < DJ; ++d) dst[tx + 8 * d] = o[i][d] * inv;
     }
 }
 
@@ -425,7 +583,8 @@ size_t attention_scratch_floats(const AttentionParams& p, int64_t n_tokens, int6
 
 void paged_attention(const AttentionParams& p, const float* q, const void* k_cache, const void* v_cache,
                      const int32_t* positions, const int32_t* seq, const int32_t* block_tables, int32_t table_stride,
-                     int64_t n_tokens, int64_t max_ctx, float* scratch, float* out, cudaStream_t stream) {
+                     int64_t n_tokens, int64_t max_ctx, float* scratch, float* out, cudaStream_t stream,
+                     const int32_t* token_ids) {
     if (n_tokens <= 0) return;
     if (p.head_dim > k_max_head_dim || p.head_dim <= 0 || p.n_head_kv <= 0 || p.n_head % p.n_head_kv != 0 ||
         (p.n_head / p.n_head_kv) * p.head_dim > 16 * k_attn_threads)
@@ -437,14 +596,14 @@ void paged_attention(const AttentionParams& p, const float* q, const void* k_cac
         if (p.kv_f16)
             head_split_kernel<__half><<<grid, k_attn_threads, 0, stream>>>(
                 p, q, q_stride, static_cast<const __half*>(k_cache), static_cast<const __half*>(v_cache), positions, seq,
-                block_tables, table_stride, n_sp, scratch);
+                block_tables, table_stride, n_sp, scratch, token_ids);
         else
             head_split_kernel<float><<<grid, k_attn_threads, 0, stream>>>(
                 p, q, q_stride, static_cast<const float*>(k_cache), static_cast<const float*>(v_cache), positions, seq,
-                block_tables, table_stride, n_sp, scratch);
+                block_tables, table_stride, n_sp, scratch, token_ids);
         CUDA_CHECK_LAUNCH();
         head_merge_kernel<<<dim3(unsigned(n_tokens), unsigned(p.n_head)), 64, 0, stream>>>(p, positions, n_sp, scratch,
-                                                                                           out);
+                                                                                           out, token_ids);
         CUDA_CHECK_LAUNCH();
         return;
     }
@@ -453,14 +612,12 @@ void paged_attention(const AttentionParams& p, const float* q, const void* k_cac
     const size_t smem = smem_floats(G, p.head_dim) * sizeof(float);
     const dim3 grid(unsigned(n_tokens), unsigned(p.n_head_kv), unsigned(n_splits));
     auto go = [&](auto kernel, const auto* kc, const auto* vc) {
-        // Above 48 KiB of shared memory a kernel has to opt in (once per size).
-        static size_t opted = 48 * 1024;
-        if (smem > opted) {
+        // Above 48 KiB of shared memory a kernel has to opt in. Set on every launch: the template
+        // instances share one function type, so a static flag here would cover only the first.
+        if (smem > 48 * 1024)
             CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-            opted = smem;
-        }
         kernel<<<grid, k_attn_threads, smem, stream>>>(p, q, q_stride, kc, vc, positions, seq, block_tables,
-                                                       table_stride, n_splits, scratch, out);
+                                                       table_stride, n_splits, scratch, out, token_ids);
         CUDA_CHECK_LAUNCH();
     };
     const auto* kh = static_cast<const __half*>(k_cache);
@@ -482,8 +639,49 @@ void paged_attention(const AttentionParams& p, const float* q, const void* k_cac
     }
     if (n_splits > 1) {
         merge_kernel<<<dim3(unsigned(n_tokens), unsigned(p.n_head)), 64, 0, stream>>>(p, positions, n_splits, scratch,
-                                                                                      out);
+                                                                                      out, token_ids);
         CUDA_CHECK_LAUNCH();
+    }
+}
+
+}  // namespace coinfer::kernels
+
+namespace coinfer::kernels {
+
+int32_t prefill_tile_tokens(const AttentionParams& p) {
+    if (p.head_dim != 64 && p.head_dim != 128) return 0;
+    const int G = p.n_head_kv > 0 ? p.n_head / p.n_head_kv : 0;
+    if (G < 1 || p.n_head % p.n_head_kv != 0 || k_pf_rows % G != 0) return 0;
+    return k_pf_rows / G;
+}
+
+void paged_attention_prefill(const AttentionParams& p, const float* q, const void* k_cache, const void* v_cache,
+                             const int32_t* positions, const int32_t* seq, const int32_t* block_tables,
+                             int32_t table_stride, const int32_t* tiles, int64_t n_tiles, float* out,
+                             cudaStream_t stream) {
+    if (n_tiles <= 0) return;
+    if (prefill_tile_tokens(p) == 0) throw std::runtime_error("paged_attention_prefill: unsupported head geometry");
+    const int64_t q_stride = p.q_stride > 0 ? p.q_stride : int64_t(p.n_head) * p.head_dim;
+    const dim3 grid(unsigned(n_tiles), unsigned(p.n_head_kv));
+    auto go = [&](auto kernel, size_t smem, const auto* kc, const auto* vc) {
+        // Above 48 KiB a kernel has to opt in (every launch: the instances share one function type).
+        CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+        kernel<<<grid, k_attn_threads, smem, stream>>>(p, q, q_stride, kc, vc, positions, seq, block_tables,
+                                                       table_stride, tiles, out);
+        CUDA_CHECK_LAUNCH();
+    };
+    const auto* kh = static_cast<const __half*>(k_cache);
+    const auto* vh = static_cast<const __half*>(v_cache);
+    const auto* kf = static_cast<const float*>(k_cache);
+    const auto* vf = static_cast<const float*>(v_cache);
+    if (p.head_dim == 64) {
+        const size_t smem = pf_smem_floats<64>() * sizeof(float);
+        if (p.kv_f16) go(prefill_kernel<__half, 64>, smem, kh, vh);
+        else go(prefill_kernel<float, 64>, smem, kf, vf);
+    } else {
+        const size_t smem = pf_smem_floats<128>() * sizeof(float);
+        if (p.kv_f16) go(prefill_kernel<__half, 128>, smem, kh, vh);
+        else go(prefill_kernel<float, 128>, smem, kf, vf);
     }
 }
 

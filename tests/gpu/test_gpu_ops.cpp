@@ -294,7 +294,7 @@ std::vector<Case> make_cases(int n_threads) {
     }
 
     // ---- rope + KV write, and paged attention over the written cache ----
-    struct AttnShape { int n_head, n_kv, hd, n_rot; bool neox; std::vector<int> ctx; int n_tok; bool f16; int kernel = kn::ATTN_KERNEL_AUTO; };
+    struct AttnShape { int n_head, n_kv, hd, n_rot; bool neox; std::vector<int> ctx; int n_tok; bool f16; int kernel = kn::ATTN_KERNEL_AUTO; int run = 0; };
     const AttnShape attn_shapes[] = {
         {8, 4, 8, 8, false, {1, 5, 40}, 3, true},              // stories260K
         {4, 2, 64, 64, false, {1, 17, 300}, 4, false},          // quant-base, F32 KV
@@ -308,12 +308,20 @@ std::vector<Case> make_cases(int n_threads) {
         {8, 4, 8, 8, false, {1, 5, 40}, 3, true, kn::ATTN_KERNEL_GROUPED},
         {4, 2, 64, 64, false, {1, 17, 300}, 4, false, kn::ATTN_KERNEL_GROUPED},
         {32, 32, 128, 128, false, {1, 512, 4096}, 8, true, kn::ATTN_KERNEL_GROUPED},
+        // Prompt runs through the tiled prefill kernel: sequences of `run` tokens at consecutive
+        // positions (after a cached prefix), cut into tiles as the cuda backend cuts them.
+        {32, 4, 64, 64, false, {20, 200, 1000}, 60, true, kn::ATTN_KERNEL_AUTO, 20},
+        {32, 4, 64, 64, false, {513}, 512, true, kn::ATTN_KERNEL_AUTO, 512},
+        {4, 2, 64, 64, false, {17, 300}, 40, false, kn::ATTN_KERNEL_AUTO, 13},
+        {32, 8, 128, 128, true, {100, 700}, 90, true, kn::ATTN_KERNEL_AUTO, 45},
+        {32, 32, 128, 128, false, {256, 1000}, 200, true, kn::ATTN_KERNEL_AUTO, 100},
     };
     for (const AttnShape& a : attn_shapes) {
         for (int max_ctx : a.ctx) {
-            cases.push_back({fmt::format("rope_kv+attention{} heads={}/{} hd={} {} kv={} ctx<={} tokens={}",
-                                         a.kernel == kn::ATTN_KERNEL_GROUPED ? "-grouped" : "", a.n_head, a.n_kv,
-                                         a.hd, a.neox ? "neox" : "norm", a.f16 ? "f16" : "f32", max_ctx, a.n_tok),
+            cases.push_back({fmt::format("rope_kv+attention{} heads={}/{} hd={} {} kv={} ctx<={} tokens={}{}",
+                                         a.run ? "-prefill" : a.kernel == kn::ATTN_KERNEL_GROUPED ? "-grouped" : "",
+                                         a.n_head, a.n_kv, a.hd, a.neox ? "neox" : "norm", a.f16 ? "f16" : "f32",
+                                         max_ctx, a.n_tok, a.run ? fmt::format(" run={}", a.run) : ""),
                              1e-7, [=](std::function<void()>& launch) {
                 const int bs = 16, n_tok = a.n_tok;
                 const int64_t n_q = int64_t(a.n_head) * a.hd, n_kvd = int64_t(a.n_kv) * a.hd;
@@ -326,11 +334,24 @@ std::vector<Case> make_cases(int n_threads) {
                 for (size_t i = 0; i < perm.size(); ++i) perm[i] = int32_t(i);
                 std::shuffle(perm.begin(), perm.end(), rng);
                 for (int t = 0; t < n_tok; ++t) {
-                    pos[t] = t == 0 ? max_ctx - 1 : int32_t(rng() % uint64_t(max_ctx));
-                    seq[t] = t;
+                    if (a.run) {
+                        // Token t: sequence t / run, positions base .. base + run - 1 of it.
+                        seq[t] = t / a.run;
+                        const int first = seq[t] * a.run;
+                        if (t == first) {
+                            const int span = std::max(1, max_ctx - a.run + 1);
+                            pos[t] = seq[t] == 0 ? span - 1 : int32_t(rng() % uint64_t(span));
+                        } else {
+                            pos[t] = pos[t - 1] + 1;
+                        }
+                    } else {
+                        pos[t] = t == 0 ? max_ctx - 1 : int32_t(rng() % uint64_t(max_ctx));
+                        seq[t] = t;
+                    }
                     for (int b = 0; b < max_blocks; ++b) tables[size_t(t * max_blocks + b)] = perm[size_t(t * max_blocks + b)];
-                    slot[t] = tables[size_t(t * max_blocks + pos[t] / bs)] * bs + pos[t] % bs;
                 }
+                for (int t = 0; t < n_tok; ++t)
+                    slot[t] = tables[size_t(seq[t] * max_blocks + pos[t] / bs)] * bs + pos[t] % bs;
                 const int64_t n_slots = int64_t(perm.size()) * bs;
                 auto round_kv = [&](float v) { return a.f16 ? fp16_to_fp32(fp32_to_fp16(v)) : v; };
                 auto kc = randn(size_t(n_slots * n_kvd)), vc = randn(size_t(n_slots * n_kvd));
@@ -371,7 +392,7 @@ std::vector<Case> make_cases(int n_threads) {
                         const int kvh = h / (a.n_head / a.n_kv);
                         float mx = -INFINITY;
                         for (int p = 0; p <= pos[t]; ++p) {
-                            const int64_t s = tables[size_t(t * max_blocks + p / bs)] * bs + p % bs;
+                            const int64_t s = tables[size_t(seq[t] * max_blocks + p / bs)] * bs + p % bs;
                             float dot = 0;
                             for (int i = 0; i < a.hd; ++i) dot += qr[size_t(t * n_q + h * a.hd + i)] * kc2[size_t(s * n_kvd + kvh * a.hd + i)];
                             sc[size_t(p)] = dot * scale;
@@ -380,7 +401,7 @@ std::vector<Case> make_cases(int n_threads) {
                         double sum = 0;
                         for (auto& e : sc) { e = std::exp(e - mx); sum += e; }
                         for (int p = 0; p <= pos[t]; ++p) {
-                            const int64_t s = tables[size_t(t * max_blocks + p / bs)] * bs + p % bs;
+                            const int64_t s = tables[size_t(seq[t] * max_blocks + p / bs)] * bs + p % bs;
                             for (int i = 0; i < a.hd; ++i)
                                 want[size_t(t * n_q + h * a.hd + i)] += float(sc[size_t(p)] / sum) * vc2[size_t(s * n_kvd + kvh * a.hd + i)];
                         }
@@ -414,8 +435,25 @@ std::vector<Case> make_cases(int n_threads) {
                 const kn::RopeParams rp{a.n_head, a.n_kv, a.hd, a.n_rot, a.neox, dinv->p};
                 kn::rope_kv_write(rp, dq->p, dk->p, dv->p, nullptr, nullptr, nullptr, dpos->p, dslot->p, n_tok, pk, pv, a.f16, nullptr);
                 auto qgot = dq->get();
+                std::vector<int32_t> tiles;
+                if (a.run) {
+                    const int qt = kn::prefill_tile_tokens(ap);
+                    if (qt <= 0) throw std::runtime_error("no prefill attention kernel for this head geometry");
+                    for (int s0 = 0; s0 < n_tok; s0 += a.run)
+                        for (int t = s0; t < std::min(n_tok, s0 + a.run); t += qt) {
+                            tiles.push_back(t);
+                            tiles.push_back(std::min({qt, n_tok - t, s0 + a.run - t}));
+                        }
+                }
+                auto dtiles = std::make_shared<Dev<int32_t>>(tiles.empty() ? std::vector<int32_t>{0} : tiles);
+                const int64_t n_tiles = int64_t(tiles.size() / 2);
                 launch = [=, keep = std::make_pair(dkc, dvc)] {
-                    kn::paged_attention(ap, dq->p, pk, pv, dpos->p, dseq->p, dtab->p, max_blocks, n_tok, max_ctx, dpart->p, dout->p, nullptr);
+                    if (n_tiles > 0)
+                        kn::paged_attention_prefill(ap, dq->p, pk, pv, dpos->p, dseq->p, dtab->p, max_blocks, dtiles->p,
+                                                    n_tiles, dout->p, nullptr);
+                    else
+                        kn::paged_attention(ap, dq->p, pk, pv, dpos->p, dseq->p, dtab->p, max_blocks, n_tok, max_ctx,
+                                            dpart->p, dout->p, nullptr);
                 };
                 launch();
                 auto got = dout->get();
