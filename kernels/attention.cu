@@ -293,7 +293,33 @@ __device__ __forceinline__ float kv_load(const KV* p) {
     else return *p;
 }
 
-template <typename KV>
+// Lane l's VEC consecutive elements of a K or V row (dims l * VEC ...), as floats: one load.
+template <typename KV, int VEC>
+__device__ __forceinline__ void load_lane_vec(const KV* __restrict__ row, int lane, float* f) {
+    if constexpr (sizeof(KV) == 2) {
+        if constexpr (VEC == 4) {
+            const uint2 u = *reinterpret_cast<const uint2*>(row + 4 * lane);
+            const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&u.x));
+            const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&u.y));
+            f[0] = a.x; f[1] = a.y; f[2] = b.x; f[3] = b.y;
+        } else {
+            const float2 a = __half22float2(*reinterpret_cast<const __half2*>(row + 2 * lane));
+            f[0] = a.x; f[1] = a.y;
+        }
+    } else {
+        if constexpr (VEC == 4) {
+            const float4 a = *reinterpret_cast<const float4*>(row + 4 * lane);
+            f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w;
+        } else {
+            const float2 a = *reinterpret_cast<const float2*>(row + 2 * lane);
+            f[0] = a.x; f[1] = a.y;
+        }
+    }
+}
+
+// VEC > 0 (head_dim == 32 * VEC): each lane reads its VEC consecutive dims of a row with one
+// load (Llama-2-7B's 128: 8 bytes per lane) instead of VEC strided 2-byte loads.
+template <typename KV, int VEC>
 __global__ void __launch_bounds__(k_attn_threads)
 head_split_kernel(AttentionParams p, const float* __restrict__ q, int64_t q_stride, const KV* __restrict__ k_cache,
              const KV* __restrict__ v_cache, const int32_t* __restrict__ positions, const int32_t* __restrict__ seq,
@@ -317,7 +343,7 @@ head_split_kernel(AttentionParams p, const float* __restrict__ q, int64_t q_stri
     const int kvh = h / (p.n_head / p.n_head_kv);
     const int64_t n_kv = int64_t(p.n_head_kv) * hd;
     const int32_t* table = block_tables + int64_t(seq[t]) * table_stride;
-    __shared__ float s_q[k_max_head_dim];
+    __shared__ __align__(16) float s_q[k_max_head_dim];
     __shared__ float s_p[k_head_split];
     __shared__ float s_red[k_attn_threads / 32];
     for (int i = threadIdx.x; i < hd; i += k_attn_threads) s_q[i] = q[t * q_stride + int64_t(h) * hd + i];
@@ -329,7 +355,15 @@ head_split_kernel(AttentionParams p, const float* __restrict__ q, int64_t q_stri
         const int64_t slot = int64_t(table[pos / p.block_size]) * p.block_size + pos % p.block_size;
         const KV* kp = k_cache + slot * n_kv + int64_t(kvh) * hd;
         float dot = 0.0f;
-        for (int i = lane; i < hd; i += 32) dot = fmaf(s_q[i], kv_load(kp + i), dot);
+        if constexpr (VEC > 0) {
+            float kf[VEC], qf[VEC];
+            load_lane_vec<KV, VEC>(kp, lane, kf);
+            load_lane_vec<float, VEC>(s_q, lane, qf);  // one shared-memory vector load
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) dot = fmaf(qf[e], kf[e], dot);
+        } else {
+            for (int i = lane; i < hd; i += 32) dot = fmaf(s_q[i], kv_load(kp + i), dot);
+        }
         for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
         if (lane == 0) s_p[j] = dot * p.scale;
     }
@@ -371,14 +405,26 @@ head_split_kernel(AttentionParams p, const float* __restrict__ q, int64_t q_stri
         const int64_t slot = int64_t(table[pos / p.block_size]) * p.block_size + pos % p.block_size;
         const KV* vp = v_cache + slot * n_kv + int64_t(kvh) * hd;
         const float pj = s_p[j];
+        if constexpr (VEC > 0) {
+            float vf[VEC];
+            load_lane_vec<KV, VEC>(vp, lane, vf);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) acc[e] = fmaf(pj, vf[e], acc[e]);
+        } else {
+#pragma unroll
+            for (int c = 0; c < k_dims_per_lane; ++c)
+                if (lane + 32 * c < hd) acc[c] = fmaf(pj, kv_load(vp + lane + 32 * c), acc[c]);
+        }
+    }
+    __shared__ __align__(16) float s_o[k_attn_threads / 32][k_max_head_dim];
+    if constexpr (VEC > 0) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) s_o[warp][VEC * lane + e] = acc[e];
+    } else {
 #pragma unroll
         for (int c = 0; c < k_dims_per_lane; ++c)
-            if (lane + 32 * c < hd) acc[c] = fmaf(pj, kv_load(vp + lane + 32 * c), acc[c]);
+            if (lane + 32 * c < hd) s_o[warp][lane + 32 * c] = acc[c];
     }
-    __shared__ float s_o[k_attn_threads / 32][k_max_head_dim];
-#pragma unroll
-    for (int c = 0; c < k_dims_per_lane; ++c)
-        if (lane + 32 * c < hd) s_o[warp][lane + 32 * c] = acc[c];
     __syncthreads();
     for (int i = threadIdx.x; i < hd; i += k_attn_threads) {
         float o = s_o[0][i];
@@ -593,14 +639,24 @@ void paged_attention(const AttentionParams& p, const float* q, const void* k_cac
     if (!grouped(p)) {
         const int32_t n_sp = int32_t((std::max<int64_t>(max_ctx, 1) + k_head_split - 1) / k_head_split);
         const dim3 grid(unsigned(n_tokens), unsigned(p.n_head), unsigned(n_sp));
-        if (p.kv_f16)
-            head_split_kernel<__half><<<grid, k_attn_threads, 0, stream>>>(
-                p, q, q_stride, static_cast<const __half*>(k_cache), static_cast<const __half*>(v_cache), positions, seq,
-                block_tables, table_stride, n_sp, scratch, token_ids);
-        else
-            head_split_kernel<float><<<grid, k_attn_threads, 0, stream>>>(
-                p, q, q_stride, static_cast<const float*>(k_cache), static_cast<const float*>(v_cache), positions, seq,
-                block_tables, table_stride, n_sp, scratch, token_ids);
+        auto go = [&](auto kernel, const auto* kc, const auto* vc) {
+            kernel<<<grid, k_attn_threads, 0, stream>>>(p, q, q_stride, kc, vc, positions, seq, block_tables,
+                                                        table_stride, n_sp, scratch, token_ids);
+        };
+        const auto* kh = static_cast<const __half*>(k_cache);
+        const auto* vh = static_cast<const __half*>(v_cache);
+        const auto* kf = static_cast<const float*>(k_cache);
+        const auto* vf = static_cast<const float*>(v_cache);
+        if (p.head_dim == 128) {
+            if (p.kv_f16) go(head_split_kernel<__half, 4>, kh, vh);
+            else go(head_split_kernel<float, 4>, kf, vf);
+        } else if (p.head_dim == 64) {
+            if (p.kv_f16) go(head_split_kernel<__half, 2>, kh, vh);
+            else go(head_split_kernel<float, 2>, kf, vf);
+        } else {
+            if (p.kv_f16) go(head_split_kernel<__half, 0>, kh, vh);
+            else go(head_split_kernel<float, 0>, kf, vf);
+        }
         CUDA_CHECK_LAUNCH();
         head_merge_kernel<<<dim3(unsigned(n_tokens), unsigned(p.n_head)), 64, 0, stream>>>(p, positions, n_sp, scratch,
                                                                                            out, token_ids);
