@@ -261,13 +261,11 @@ split_kernel(AttentionParams p, const float* __restrict__ q, int64_t q_stride, c
     }
 }
 
-__global__ void merge_kernel(AttentionParams p, const int32_t* __restrict__ positions, int32_t max_splits,
-                             const float* __restrict__ part, float* __restrict__ out,
-                             const int32_t* __restrict__ token_ids) {
-    const int64_t t = token_ids ? token_ids[blockIdx.x] : blockIdx.x;
-    const int h = blockIdx.y, hd = p.head_dim;
-    const int used = n_splits_for(positions[t] + 1);
-    if (used == 1) return;  // written by split_kernel
+// out[t, h] from the first `used` partials (m, l, o[hd]) of part [n_tokens, n_head, max_splits, hd + 2]:
+// out = sum_s o_s e^(m_s - M) / sum_s l_s e^(m_s - M). The block's threads share the dims.
+__device__ void merge_partials(const AttentionParams& p, int64_t t, int h, int used, int32_t max_splits,
+                               const float* __restrict__ part, float* __restrict__ out) {
+    const int hd = p.head_dim;
     const float* base = part + (t * p.n_head + h) * int64_t(max_splits) * (hd + 2);
     float m = -INFINITY;
     for (int s = 0; s < used; ++s) m = fmaxf(m, base[s * (hd + 2)]);
@@ -279,6 +277,15 @@ __global__ void merge_kernel(AttentionParams p, const int32_t* __restrict__ posi
         for (int s = 0; s < used; ++s) acc += base[s * (hd + 2) + 2 + i] * expf(base[s * (hd + 2)] - m);
         out[t * int64_t(p.n_head) * hd + int64_t(h) * hd + i] = acc * inv;
     }
+}
+
+__global__ void merge_kernel(AttentionParams p, const int32_t* __restrict__ positions, int32_t max_splits,
+                             const float* __restrict__ part, float* __restrict__ out,
+                             const int32_t* __restrict__ token_ids) {
+    const int64_t t = token_ids ? token_ids[blockIdx.x] : blockIdx.x;
+    const int used = n_splits_for(positions[t] + 1);
+    if (used == 1) return;  // written by split_kernel
+    merge_partials(p, t, blockIdx.y, used, max_splits, part, out);
 }
 
 // ---- One CUDA block per (token, query head, split of k_head_split positions) ----
@@ -437,19 +444,8 @@ __global__ void head_merge_kernel(AttentionParams p, const int32_t* __restrict__
                              const float* __restrict__ part, float* __restrict__ out,
                              const int32_t* __restrict__ token_ids) {
     const int64_t t = token_ids ? token_ids[blockIdx.x] : blockIdx.x;
-    const int h = blockIdx.y, hd = p.head_dim;
     const int used = (positions[t] + k_head_split) / k_head_split;  // splits with positions
-    const float* base = part + (t * p.n_head + h) * int64_t(n_splits) * (hd + 2);
-    float m = -INFINITY;
-    for (int s = 0; s < used; ++s) m = fmaxf(m, base[s * (hd + 2)]);
-    float l = 0.0f;
-    for (int s = 0; s < used; ++s) l += base[s * (hd + 2) + 1] * expf(base[s * (hd + 2)] - m);
-    const float inv = 1.0f / l;
-    for (int i = threadIdx.x; i < hd; i += blockDim.x) {
-        float acc = 0.0f;
-        for (int s = 0; s < used; ++s) acc += base[s * (hd + 2) + 2 + i] * expf(base[s * (hd + 2)] - m);
-        out[t * int64_t(p.n_head) * hd + int64_t(h) * hd + i] = acc * inv;
-    }
+    merge_partials(p, t, blockIdx.y, used, n_splits, part, out);
 }
 
 // ---- Prompt runs: one CUDA block per (tile of consecutive tokens of one sequence, KV head) ----
