@@ -135,6 +135,7 @@ StepPlan Planner::schedule() {
     for (size_t i = 0; i < running_.size() && budget > 0;) {
         SeqState& s = *seqs_.at(running_[i]);
         const int32_t pending = s.n_tokens() - s.n_computed;
+        assert(pending > 0);  // a running sequence always has a token to compute
         const int32_t n_new = pending > 1 ? std::min({pending, budget, prompt_budget}) : std::min(pending, budget);
         if (n_new <= 0) {
             ++i;  // a prompt chunk waits for a step with prompt budget left
