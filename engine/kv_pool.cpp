@@ -35,6 +35,14 @@ void KvBlockPool::list_push_back(int32_t id) {
     blocks_[tail_].prev = id;
 }
 
+void KvBlockPool::list_push_front(int32_t id) {
+    Block& b = blocks_[id];
+    b.prev = head_;
+    b.next = blocks_[head_].next;
+    blocks_[b.next].prev = id;
+    blocks_[head_].next = id;
+}
+
 void KvBlockPool::drop_hash(int32_t id) {
     Block& b = blocks_[id];
     if (!b.has_hash) return;
@@ -99,6 +107,18 @@ void KvBlockPool::kv_block_set_hash(int32_t id, uint64_t hash) {
     if (!inserted) return;  // an identical block is already cached; keep that one findable
     b.has_hash = true;
     b.hash = hash;
+}
+
+void KvBlockPool::kv_block_drop_hash(int32_t id) {
+    assert(id >= 0 && id < n_blocks_);
+    Block& b = blocks_[id];
+    if (!b.has_hash) return;
+    drop_hash(id);
+    if (b.ref_count == 0) {
+        --n_cached_free_;
+        list_remove(id);
+        list_push_front(id);
+    }
 }
 
 std::optional<int32_t> KvBlockPool::kv_block_lookup(uint64_t hash) const {

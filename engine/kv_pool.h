@@ -38,6 +38,9 @@ public:
     // Prefix cache: a full block's content hash.
     void kv_block_set_hash(int32_t id, uint64_t hash);
     std::optional<int32_t> kv_block_lookup(uint64_t hash) const;
+    // Forgets a block's hash (its K/V turned out not to be valid). A free block then counts as
+    // plain free and moves to the head of the free list, to be handed out first.
+    void kv_block_drop_hash(int32_t id);
     int32_t ref_count(int32_t id) const { return blocks_[id].ref_count; }
 
 private:
@@ -49,6 +52,7 @@ private:
     };
     void list_remove(int32_t id);
     void list_push_back(int32_t id);
+    void list_push_front(int32_t id);
     void drop_hash(int32_t id);
 
     int32_t n_blocks_;

@@ -233,17 +233,11 @@ void Planner::set_last_token(SeqId id, TokenId token) {
 }
 
 void Planner::drop_last_hashes() {
-    // The pool has no call to forget a hash, so each block is re-registered under a key that
-    // no token chain produces in practice (a collision leaves the block with no hash at all).
-    constexpr uint64_t k_void_hash = 0x6e6f2d6b762d6865ull;
     std::vector<int32_t> dropped;
     for (auto [b, h] : last_hashed_) {
         auto found = pool_.kv_block_lookup(h);
         if (!found || *found != b) continue;  // evicted and handed out again since
-        const bool free = pool_.ref_count(b) == 0;
-        if (free) pool_.kv_block_ref(b);  // set_hash wants a held block
-        pool_.kv_block_set_hash(b, k_void_hash);
-        if (free) pool_.kv_block_free(b);
+        pool_.kv_block_drop_hash(b);
         dropped.push_back(b);
     }
     last_hashed_.clear();

@@ -69,6 +69,30 @@ TEST_CASE("a cached free block can be revived by a prefix hit in O(1)") {
     CHECK(std::find(rest.begin(), rest.end(), hit) == rest.end());
 }
 
+TEST_CASE("dropping a hash: the block is no longer found, no longer cached, and reused first") {
+    KvBlockPool pool(4, 16);
+    auto a = *pool.kv_block_alloc(), b = *pool.kv_block_alloc();
+    pool.kv_block_set_hash(a, 111);
+    pool.kv_block_set_hash(b, 222);
+    pool.kv_block_free(a);
+    pool.kv_block_free(b);
+    CHECK(pool.n_cached() == 2);
+    pool.kv_block_drop_hash(b);
+    CHECK_FALSE(pool.kv_block_lookup(222).has_value());
+    CHECK(pool.kv_block_lookup(111) == a);
+    CHECK(pool.n_cached() == 1);
+    CHECK(pool.n_free() == 4);
+    CHECK(*pool.kv_block_alloc() == b);  // the invalid block goes first, before any cached one
+    // A held block loses its hash the same way, and frees as plain free.
+    pool.kv_block_set_hash(b, 333);
+    pool.kv_block_drop_hash(b);
+    CHECK_FALSE(pool.kv_block_lookup(333).has_value());
+    pool.kv_block_free(b);
+    CHECK(pool.n_cached() == 1);
+    pool.kv_block_drop_hash(b);  // no hash: nothing happens
+    CHECK(pool.n_free() == 4);
+}
+
 TEST_CASE("random alloc/ref/free keeps the counts consistent") {
     KvBlockPool pool(64);
     std::mt19937 rng(7);
