@@ -50,15 +50,6 @@ __host__ __device__ inline size_t smem_floats(int group, int hd) {
            size_t(group) * k_attn_tile + 3 * size_t(group);
 }
 
-template <typename KV>
-__device__ __forceinline__ void load_row(const KV* __restrict__ src, float* __restrict__ dst, int hd, int tid,
-                                         int stride_threads) {
-    for (int i = tid; i < hd; i += stride_threads) {
-        if constexpr (sizeof(KV) == 2) dst[i] = __half2float(src[i]);
-        else dst[i] = src[i];
-    }
-}
-
 // Stages rows [p0, p0 + len) of one KV head into sk (padded) and sv.
 template <typename KV>
 __device__ __forceinline__ void load_tile(const KV* __restrict__ k_cache, const KV* __restrict__ v_cache,
