@@ -72,8 +72,8 @@ void* device_alloc(size_t bytes, const char* what) {
 struct DevWeight {
     int type = 0;
     int64_t n_in = 0, n_out = 0;
-    size_t row_bytes = 0;
-    void* data = nullptr;  // [n_out rows of row_bytes]
+    size_t row_bytes = 0;  // row stride on the device: the file's row size padded to 16 bytes
+    void* data = nullptr;  // [n_out rows, row_bytes apart]
 };
 
 struct DevLayer {
@@ -238,6 +238,7 @@ private:
     void encode(int64_t n, int64_t n_out, int64_t max_ctx, int32_t stride, const int32_t* di, const Bufs& B,
                 const AttnSplit& as);
     DevWeight upload(const WeightView& w, const char* what);
+    static void copy_rows(void* dst, size_t stride, const WeightView& w);
     DevWeight upload_fused(std::initializer_list<std::pair<const WeightView*, DevWeight*>> parts, const char* what);
     float* upload_floats(const std::vector<float>& v, const char* what);
 
@@ -431,11 +432,10 @@ DevWeight CudaBackend::upload(const WeightView& w, const char* what) {
     d.type = static_cast<int>(w.type);
     d.n_in = w.n_in;
     d.n_out = w.n_out;
-    d.row_bytes = w.row_bytes;
-    const size_t bytes = static_cast<size_t>(w.n_out) * w.row_bytes;
-    d.data = device_alloc(bytes, what);
+    d.row_bytes = kn::weight_row_stride(w.row_bytes);
+    d.data = device_alloc(static_cast<size_t>(w.n_out) * d.row_bytes, what);
     allocs_.push_back(d.data);
-    CUDA_CHECK(cudaMemcpy(d.data, w.data, bytes, cudaMemcpyHostToDevice));
+    copy_rows(d.data, d.row_bytes, w);
     return d;
 }
 
@@ -454,17 +454,26 @@ DevWeight CudaBackend::upload_fused(std::initializer_list<std::pair<const Weight
     f.type = static_cast<int>(first.type);
     f.n_in = first.n_in;
     f.n_out = n_out;
-    f.row_bytes = first.row_bytes;
+    f.row_bytes = kn::weight_row_stride(first.row_bytes);
     f.data = device_alloc(size_t(n_out) * f.row_bytes, what);
     allocs_.push_back(f.data);
     size_t off = 0;
     for (const auto& [w, dev] : parts) {
-        const size_t bytes = size_t(w->n_out) * w->row_bytes;
-        CUDA_CHECK(cudaMemcpy(static_cast<char*>(f.data) + off, w->data, bytes, cudaMemcpyHostToDevice));
-        *dev = DevWeight{f.type, w->n_in, w->n_out, w->row_bytes, static_cast<char*>(f.data) + off};
-        off += bytes;
+        copy_rows(static_cast<char*>(f.data) + off, f.row_bytes, *w);
+        *dev = DevWeight{f.type, w->n_in, w->n_out, f.row_bytes, static_cast<char*>(f.data) + off};
+        off += size_t(w->n_out) * f.row_bytes;
     }
     return f;
+}
+
+// Rows of w into dst, `stride` bytes apart (the padding past each row is zeroed).
+void CudaBackend::copy_rows(void* dst, size_t stride, const WeightView& w) {
+    if (stride == w.row_bytes) {
+        CUDA_CHECK(cudaMemcpy(dst, w.data, size_t(w.n_out) * w.row_bytes, cudaMemcpyHostToDevice));
+        return;
+    }
+    CUDA_CHECK(cudaMemset(dst, 0, size_t(w.n_out) * stride));
+    CUDA_CHECK(cudaMemcpy2D(dst, stride, w.data, w.row_bytes, w.row_bytes, size_t(w.n_out), cudaMemcpyHostToDevice));
 }
 
 float* CudaBackend::upload_floats(const std::vector<float>& v, const char* what) {

@@ -11,12 +11,17 @@ namespace coinfer::kernels {
 
 struct MatmulContext {
     cublasHandle_t cublas = nullptr;
-    float* scratch = nullptr;       // dequantized weight tile for the cuBLAS path
+    float* scratch = nullptr;       // F16 activations and split-K partials; the cuBLAS path's dequantized tile
     size_t scratch_floats = 0;
     int64_t gemm_min_rows = 1 << 30;  // n_rows at or above this go through dequantize + cuBLAS SGEMM
 };
 
-// y[r][o] = dot(W row o, x[r]).  w: n_out rows of row_bytes each (n_in elements of `type`);
+// Row stride of a weight matrix on the device: rows padded to 16 bytes, so that every kernel can
+// read them with 16-byte copies (a Q6_K row of 11008 elements is 9030 bytes).
+constexpr size_t weight_row_stride(size_t row_bytes) { return (row_bytes + 15) / 16 * 16; }
+
+// y[r][o] = dot(W row o, x[r]).  w: n_out rows of n_in elements of `type`, row_bytes apart (a
+// stride: see weight_row_stride);
 // x: [n_rows, n_in] F32; y: [n_rows, n_out] F32. Below gemm_min_rows a GEMV kernel reads the
 // quantized blocks directly; its per-row sums do not depend on n_rows (batch invariance).
 void matmul(const MatmulContext& ctx, int type, const void* w, size_t row_bytes, int64_t n_in, int64_t n_out,

@@ -142,37 +142,44 @@ std::vector<Case> make_cases(int n_threads) {
         c->gemm_min_rows = gemm_min_rows;
         return c;
     };
-    static kn::MatmulContext* mm = make_mm(257);
-    static kn::MatmulContext* mm_gemm = make_mm(1);  // "matmul-gemm": cuBLAS at every n_rows (crossover)
+    static kn::MatmulContext* mm = make_mm(9);             // "matmul": the backend's routing
+    static kn::MatmulContext* mm_gemv = make_mm(1 << 30);  // "matmul-gemv": GEMV at every n_rows (--batch-invariant)
+    static kn::MatmulContext* mm_mma = make_mm(1);         // "matmul-mma": tensor cores at every n_rows (crossover)
 
     // ---- matmul: type x (n_in, n_out) x n_rows ----
     const char* q8_env = std::getenv("COINFER_GEMV_Q8");
     const bool gemv_q8 = q8_env && std::strcmp(q8_env, "1") == 0;
-    // GEMV (F32 activations): NMSE <= 1e-7 (1e-4 for the int8 activations of COINFER_GEMV_Q8=1). cuBLAS path: F32 weights SGEMM (1e-7); other types
-    // multiply F16 (BF16 for BF16 weights) activations and weights with FP32 accumulate: 1e-5.
+    // GEMV (F32 activations): NMSE <= 1e-7 (1e-4 for the int8 activations of COINFER_GEMV_Q8=1).
+    // Tensor-core paths (F16 activations, BF16 for BF16 weights, FP32 accumulate): the fused
+    // quantized product up to 512 rows, cuBLAS for F16/BF16 and beyond 512: 1e-5. F32: SGEMM, 1e-7.
     const std::vector<GgmlType> bench_types = {GGML_TYPE_F16, GGML_TYPE_BF16, GGML_TYPE_Q8_0, GGML_TYPE_Q4_0,
                                                GGML_TYPE_Q4_K};
-    struct Shape { int64_t n_in, n_out; std::vector<int64_t> rows; bool all_types; std::vector<GgmlType> only = {}; bool gemm = false; };
+    const std::vector<int64_t> all_rows = {1, 2, 3, 7, 8, 9, 16, 17, 64, 255, 256, 512};
+    enum Path { PATH_DEFAULT, PATH_GEMV, PATH_MMA };
+    struct Shape { int64_t n_in, n_out; std::vector<int64_t> rows; bool all_types; std::vector<GgmlType> only = {}; Path path = PATH_DEFAULT; };
     const Shape shapes[] = {
         {64, 172, {1, 3, 8, 64}, false},      // stories260K ffn_gate (F32 only: 64 is not a K-quant multiple)
         {172, 64, {1, 5}, false},             // stories260K ffn_down (tail chunk)
-        {256, 768, {1, 8, 64, 300}, true},    // quant-base ffn
-        {768, 256, {1, 16}, true},
+        {256, 768, {1, 8, 9, 64, 300}, true}, // quant-base ffn
+        {768, 256, {1, 16, 17}, true},
+        {2080, 328, {1, 9, 40, 512}, true},   // a tail K tile for the 32-element formats; n_out not a multiple of 64
         {2048, 5632, {1, 8, 64, 300}, true},  // TinyLlama ffn_gate
         {5632, 2048, {1, 256}, true},         // TinyLlama ffn_down
-        {4096, 4096, {1, 32}, true},          // Llama-2-7B attn_q
-        {4096, 11008, {1}, true},             // Llama-2-7B ffn_gate
-        {14336, 4096, {1}, false, {GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_Q4_0, GGML_TYPE_Q4_K}},  // Mistral ffn_down
-        {11008, 4096, {1, 8}, false, bench_types},                // Llama-2-7B ffn_down
-        {2048, 2560, {1}, false, bench_types},                    // TinyLlama fused q|k|v
+        {4096, 4096, all_rows, true},         // Llama-2-7B attn_q
+        {4096, 11008, {1, 16}, true},         // Llama-2-7B ffn_gate
+        {14336, 4096, {1, 16}, false, {GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_Q4_0, GGML_TYPE_Q4_K}},  // Mistral ffn_down
+        {11008, 4096, {1, 8, 9, 64}, true},                       // Llama-2-7B ffn_down (Q6_K rows: 9030 bytes)
+        {2048, 2560, {1, 9, 17, 64}, true},                       // TinyLlama fused q|k|v
         {2048, 2048, {1}, false, bench_types},                    // TinyLlama attn_output
-        {2048, 11264, {1}, false, bench_types},                   // TinyLlama fused gate|up
-        {4096, 12288, {1}, false, bench_types},                   // Llama-2-7B fused q|k|v
+        {2048, 11264, {1, 16, 64, 256}, true},                    // TinyLlama fused gate|up
+        {4096, 12288, {1, 16, 64}, true},                         // Llama-2-7B fused q|k|v
+        {4096, 22016, {16, 64}, false, bench_types},              // Llama-2-7B fused gate|up
         {4096, 11008, {8}, false, bench_types},                   // decode batch of 8
-        {2048, 5632, {512}, false, bench_types},                  // prefill chunk (tensor cores)
+        {2048, 5632, {512, 1024}, false, bench_types},            // prefill chunks (the largest: cuBLAS)
         {4096, 11008, {512}, false, bench_types},
-        {4096, 11008, {16, 64, 128, 256}, false, {GGML_TYPE_F16, GGML_TYPE_Q4_0}},  // GEMV at larger batches
-        {4096, 11008, {16, 64, 128, 256}, false, {GGML_TYPE_F16, GGML_TYPE_Q4_0}, true},  // ... and cuBLAS there
+        {4096, 11008, {16, 64, 128, 256}, false, {GGML_TYPE_F16, GGML_TYPE_Q4_0, GGML_TYPE_Q4_K}, PATH_GEMV},
+        {4096, 4096, {1, 2, 4, 8}, false, bench_types, PATH_MMA},  // tensor cores below the crossover
+        {4096, 11008, {2, 4, 8}, false, bench_types, PATH_MMA},
     };
     for (const Shape& s : shapes) {
         for (GgmlType type : all_types) {
@@ -185,14 +192,15 @@ std::vector<Case> make_cases(int n_threads) {
             if (k_quant && s.n_in % 256) continue;
             if (s.n_in % quant_block_size(type)) continue;
             for (int64_t rows : s.rows) {
-                const kn::MatmulContext* ctx = s.gemm ? mm_gemm : mm;
+                const kn::MatmulContext* ctx = s.path == PATH_GEMV ? mm_gemv : s.path == PATH_MMA ? mm_mma : mm;
                 const bool cublas_16 = rows >= ctx->gemm_min_rows && type != GGML_TYPE_F32;
                 // COINFER_GEMV_Q8=1 rounds the activations to int8 blocks of 32 for Q4_0, Q8_0 and
                 // Q4_K: NMSE ~3e-5 on Gaussian x, below these types' own weight error.
                 const bool q8_act = gemv_q8 && !cublas_16 &&
                                     (type == GGML_TYPE_Q4_0 || type == GGML_TYPE_Q8_0 || type == GGML_TYPE_Q4_K);
                 const double bound = q8_act ? 1e-4 : cublas_16 ? 1e-5 : 1e-7;
-                cases.push_back({fmt::format("matmul{} type={} n_in={} n_out={} rows={}", s.gemm ? "-gemm" : "",
+                const char* tag = s.path == PATH_GEMV ? "-gemv" : s.path == PATH_MMA ? "-mma" : "";
+                cases.push_back({fmt::format("matmul{} type={} n_in={} n_out={} rows={}", tag,
                                              ggml_type_name(type), s.n_in, s.n_out, rows),
                                  bound, [=](std::function<void()>& launch) {
                                      auto w = random_weights(type, s.n_in, s.n_out);
@@ -201,18 +209,23 @@ std::vector<Case> make_cases(int n_threads) {
                                      matmul(type, w.data(), s.n_in, s.n_out, x.data(), rows, want.data(), n_threads);
                                      // Copies of W to rotate through when timing, so that repeats read
                                      // device memory rather than the 50 MB L2.
+                                     // Rows padded to the device stride, as the backend uploads them.
+                                     const size_t rb_file = quant_row_bytes(type, s.n_in);
+                                     const size_t rb = kn::weight_row_stride(rb_file);
+                                     const size_t w_bytes = rb * size_t(s.n_out);
+                                     std::vector<uint8_t> wp(w_bytes, 0);
+                                     for (int64_t o = 0; o < s.n_out; ++o)
+                                         std::memcpy(wp.data() + size_t(o) * rb, w.data() + size_t(o) * rb_file, rb_file);
                                      const size_t n_copies =
-                                         w.size() < (size_t(1) << 20) ? 1 : std::min<size_t>(16, (size_t(192) << 20) / w.size() + 1);
-                                     auto dw = std::make_shared<Dev<uint8_t>>(w.size() * n_copies);
-                                     CUDA_CHECK(cudaMemcpy(dw->p, w.data(), w.size(), cudaMemcpyHostToDevice));
+                                         w_bytes < (size_t(1) << 20) ? 1 : std::min<size_t>(16, (size_t(192) << 20) / w_bytes + 1);
+                                     auto dw = std::make_shared<Dev<uint8_t>>(w_bytes * n_copies);
+                                     CUDA_CHECK(cudaMemcpy(dw->p, wp.data(), w_bytes, cudaMemcpyHostToDevice));
                                      for (size_t i = 1; i < n_copies; ++i)
-                                         CUDA_CHECK(cudaMemcpy(dw->p + i * w.size(), dw->p, w.size(), cudaMemcpyDeviceToDevice));
+                                         CUDA_CHECK(cudaMemcpy(dw->p + i * w_bytes, dw->p, w_bytes, cudaMemcpyDeviceToDevice));
                                      auto dx = std::make_shared<Dev<float>>(x);
                                      auto dy = std::make_shared<Dev<float>>(want.size());
                                      dy->poison();
-                                     const size_t rb = quant_row_bytes(type, s.n_in);
                                      auto next = std::make_shared<size_t>(0);
-                                     const size_t w_bytes = w.size();
                                      launch = [=] {
                                          const uint8_t* wp = dw->p + (*next)++ % n_copies * w_bytes;
                                          kn::matmul(*ctx, int(type), wp, rb, s.n_in, s.n_out, dx->p, rows, dy->p, nullptr);

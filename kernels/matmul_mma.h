@@ -1,0 +1,23 @@
+#pragma once
+// Tensor-core products over block-quantized weights, dequantized in registers (matmul_mma.cu).
+// Internal to kernels/: matmul() routes 9..512-row products of quantized weights here.
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+namespace coinfer::kernels {
+
+constexpr int64_t k_qmma_max_rows = 512;
+
+// Whether qmma takes this product: a block-quantized type, rows <= k_qmma_max_rows, W and its
+// row stride 16-byte aligned (the CUDA backend pads rows at upload).
+bool qmma_supported(int type, const void* w, size_t stride, int64_t n_in, int64_t n_rows);
+
+// y[r][o] = dot(W row o, xh[r]); W: n_out rows, `stride` bytes apart; xh: [n_rows, n_in] F16;
+// y: [n_rows, n_out] F32. part: room for split-K partial sums (part_floats; fewer splits if small).
+void qmma(int type, const void* w, size_t stride, int64_t n_in, int64_t n_out, const __half* xh, int64_t n_rows,
+          float* y, float* part, size_t part_floats, cudaStream_t stream);
+
+}  // namespace coinfer::kernels
