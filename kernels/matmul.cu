@@ -890,16 +890,10 @@ void matmul(const MatmulContext& ctx, int type, const void* w, size_t row_bytes,
             const float* x, int64_t n_rows, float* y, cudaStream_t stream) {
     if (n_rows <= 0 || n_out <= 0) return;
     // Quantized weights from gemm_min_rows to 512 rows: the fused tensor-core product, which
-    // dequantizes in registers and writes no F16 copy of W. Scratch: F16 x, then split-K partials.
-    const int64_t x_halves = (n_rows * n_in + 127) / 128 * 128;
-    if (n_rows >= ctx.gemm_min_rows && ctx.scratch != nullptr && qmma_supported(type, w, row_bytes, n_in, n_rows) &&
-        size_t(x_halves / 2) < ctx.scratch_floats) {
-        auto* xh = reinterpret_cast<uint16_t*>(ctx.scratch);
-        launch_f32_to_16(x, n_rows * n_in, xh, false, stream);
-        qmma(type, w, row_bytes, n_in, n_out, reinterpret_cast<const __half*>(xh), n_rows, y,
-             ctx.scratch + x_halves / 2, ctx.scratch_floats - size_t(x_halves / 2), stream);
+    // dequantizes in registers and writes no F16 copy of W.
+    if (n_rows >= ctx.gemm_min_rows &&
+        qmma(type, w, row_bytes, n_in, n_out, x, n_rows, y, ctx.scratch, ctx.scratch_floats, stream))
         return;
-    }
     if (n_rows < ctx.gemm_min_rows || ctx.cublas == nullptr) {
         launch_gemv(ctx, type, w, row_bytes, n_in, n_out, x, n_rows, y, stream);
         return;

@@ -8,16 +8,17 @@
 // tile's raw weight bytes and F16 activations come in through a cp.async ring in shared memory.
 //
 // The mma's K order inside a 32-element chunk is ours to choose, as long as A and B agree. Lane
-// (g = lane / 4, c = lane % 4) takes elements 8c .. 8c+7 of the chunk, for weight rows g and g+8
-// (A) and for activation row g of each n8 tile (B):
-//
-//   k16 tile 0: fragment columns 2c, 2c+1 <- elements 8c, 8c+1;  2c+8, 2c+9 <- 8c+2, 8c+3
-//   k16 tile 1: fragment columns 2c, 2c+1 <- elements 8c+4, 8c+5;  2c+8, 2c+9 <- 8c+6, 8c+7
-//
-// so a lane's B fragments for one chunk are one 16-byte load of 8 consecutive activations, and
-// its A fragments are 8 consecutive weights of a row, which every ggml format stores in a few
-// adjacent bytes. Those are turned into F16 pairs with integer ops (nibbles OR 0x6400 = 1024 + q)
-// and one or two half2 ops with the block's scale.
+// (g = lane / 4, c = lane % 4) holds 8 of the chunk's elements, for weight rows g and g+8 (A)
+// and activation row g of each n8 tile (B), as four F16 pairs in fragment order (k16 tile 0
+// columns 2c|2c+1, then 2c+8|2c+9, then the same of k16 tile 1). The pairs are chosen so that
+// a 32-bit word of 4 one-byte values v0..v3 gives two of them with one AND-OR each:
+// (v0, v2) and (v1, v3), as F16 of 1024 + v (v OR 0x6400).
+//   contiguous formats (Q8_0, K-quants: element e in byte e): lane c takes elements 8c..8c+7,
+//     pairs (0,2) (1,3) (4,6) (5,7);
+//   nibble formats (Q4_0, Q4_1, Q5_0, Q5_1: byte j holds elements j and j+16): lane c takes
+//     bytes 4c..4c+3, pairs (4c,4c+2) (4c+1,4c+3) (16+4c,16+4c+2) (16+4c+1,16+4c+3).
+// The activations are converted to F16 in that order (x_to_f16_perm_kernel), so a lane's B
+// fragments for one chunk are one 16-byte load. Then one or two half2 ops apply the scale.
 //
 // Rows > 64 tile the grid's y; where the (n_out, n_rows) tiles leave SMs idle, K is split and
 // the partial sums are added in a fixed order by a second kernel (same bits on every run).
@@ -71,18 +72,15 @@ __device__ __forceinline__ uint32_t bits_h2(__half2 h) { return *reinterpret_cas
 __device__ __forceinline__ __half2 h2_dup(uint32_t h16) { return h2_bits(h16 | (h16 << 16)); }
 __device__ __forceinline__ __half2 h2_f(float f) { return __float2half2_rn(f); }
 
-// Bytes 0,1 (hi = false) or 2,3 (hi = true) of u, as the low bits of two 16-bit lanes.
-__device__ __forceinline__ uint32_t spread2(uint32_t u, bool hi) { return __byte_perm(u, 0, hi ? 0x4342 : 0x4140); }
-
-// v: 4 small unsigned values, one per byte. Returns them as two half2 of (1024 + value).
+// v: 4 one-byte values. lo = F16 pair (1024 + v0, 1024 + v2), hi = (1024 + v1, 1024 + v3).
 __device__ __forceinline__ void bytes_1024(uint32_t v, uint32_t& lo, uint32_t& hi) {
-    lo = spread2(v, false) | 0x64006400u;
-    hi = spread2(v, true) | 0x64006400u;
+    lo = (v & 0x00ff00ffu) | 0x64006400u;
+    hi = ((v >> 8) & 0x00ff00ffu) | 0x64006400u;
 }
 
-// out[i] = half2 of elements (8c + 2i, 8c + 2i + 1) of chunk ch (0..7) of the K tile at tr.
-// v[0], v[1]: the 8 quant values as bytes (already offset to be non-negative), then per format
-// (v - off) * d (+ m), with v - off exact in F16.
+// out[0..3]: this lane's four F16 pairs (see the top of the file) of chunk ch (0..7) of the K
+// tile at tr. v[0], v[1]: its 8 quant values as bytes (offset to be non-negative), then per
+// format (v - off) * d (+ m), with v - off exact in F16.
 __device__ __forceinline__ void finish_mul(const uint32_t v[2], __half2 off, __half2 d, uint32_t* out) {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
@@ -109,27 +107,16 @@ template <int T>
 __device__ __forceinline__ void dq8h(const uint8_t* tr, int ch, int c, uint32_t* out) {
     const __half2 k1024 = h2_f(1024.0f);
     if constexpr (T == WT_Q4_0 || T == WT_Q4_1 || T == WT_Q5_0 || T == WT_Q5_1) {
-        // Element l < 16: low nibble of qs[l]; l >= 16: high nibble of qs[l - 16]. Q5: bit l of qh.
+        // Byte j of qs: element j (low nibble) and j + 16 (high). Q5: bit e of qh is element e's 5th bit.
         constexpr int bytes = T == WT_Q4_0 ? 18 : T == WT_Q4_1 ? 20 : T == WT_Q5_0 ? 22 : 24;
         constexpr int qs_off = T == WT_Q4_0 ? 2 : T == WT_Q4_1 ? 4 : T == WT_Q5_0 ? 6 : 8;
         const uint8_t* b = tr + bytes * ch;
-        const uint8_t* q = b + qs_off + 8 * (c & 1);
-        const int sh = 4 * (c >> 1);
-        uint32_t v[2];
-        if constexpr (T == WT_Q4_1 || T == WT_Q5_1) {
-            v[0] = lds32(q);
-            v[1] = lds32(q + 4);
-        } else {
-            v[0] = lds32_a2(q);
-            v[1] = lds32_a2(q + 4);
-        }
-        v[0] = (v[0] >> sh) & 0x0f0f0f0fu;
-        v[1] = (v[1] >> sh) & 0x0f0f0f0fu;
+        const uint32_t u = (T == WT_Q4_1 || T == WT_Q5_1) ? lds32(b + qs_off + 4 * c) : lds32_a2(b + qs_off + 4 * c);
+        uint32_t v[2] = {u & 0x0f0f0f0fu, (u >> 4) & 0x0f0f0f0fu};
         if constexpr (T == WT_Q5_0 || T == WT_Q5_1) {
             const uint32_t qh = T == WT_Q5_1 ? lds32(b + 4) : lds32_a2(b + 2);
-            const uint32_t hb = qh >> (8 * c);
-            v[0] |= bits_to_bytes(hb) << 4;
-            v[1] |= bits_to_bytes(hb >> 4) << 4;
+            v[0] |= bits_to_bytes(qh >> (4 * c)) << 4;
+            v[1] |= bits_to_bytes(qh >> (16 + 4 * c)) << 4;
         }
         const __half2 d = h2_dup(lds16(b));
         if constexpr (T == WT_Q4_0) finish_mul(v, h2_f(1032.0f), d, out);
@@ -310,6 +297,27 @@ qmma_kernel(const uint8_t* __restrict__ w, size_t stride, int64_t row_data, int 
         }
 }
 
+// The element of a chunk (0..31) at position p of the lane-fragment order above. Within each
+// group of four positions the values come in the order 0, 2, 1, 3.
+__device__ __forceinline__ int perm_elem(bool nibble, int p) {
+    const int o = (p & 1) * 2 + ((p >> 1) & 1);  // 0, 2, 1, 3
+    const int c = p >> 3, hi = (p >> 2) & 1;
+    return nibble ? 16 * hi + 4 * c + o : 8 * c + 4 * hi + o;
+}
+
+// xh = x in F16, each 32-element chunk of a row in fragment order. One thread per 8 outputs.
+__global__ void x_to_f16_perm_kernel(const float* __restrict__ x, int64_t n, bool nibble, __half* __restrict__ xh) {
+    const int64_t i = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * 8;  // first output position
+    if (i >= n) return;
+    const float* xc = x + (i & ~int64_t(31));
+    const int p0 = int(i & 31);
+    uint32_t u[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+        u[k] = bits_h2(__floats2half2_rn(xc[perm_elem(nibble, p0 + 2 * k)], xc[perm_elem(nibble, p0 + 2 * k + 1)]));
+    *reinterpret_cast<uint4*>(xh + i) = make_uint4(u[0], u[1], u[2], u[3]);
+}
+
 // y[i] = sum over z of part[z][i], in order of z.
 __global__ void split_sum_kernel(const float* __restrict__ part, int64_t n, int splits, float* __restrict__ y) {
     const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -388,8 +396,20 @@ bool qmma_supported(int type, const void* w, size_t stride, int64_t n_in, int64_
            reinterpret_cast<uintptr_t>(w) % 16 == 0 && n_in < (int64_t(1) << 30);
 }
 
-void qmma(int type, const void* w, size_t stride, int64_t n_in, int64_t n_out, const __half* xh, int64_t n_rows,
-          float* y, float* part, size_t part_floats, cudaStream_t stream) {
+bool qmma(int type, const void* w, size_t stride, int64_t n_in, int64_t n_out, const float* x, int64_t n_rows,
+          float* y, float* scratch, size_t scratch_floats, cudaStream_t stream) {
+    // Scratch: the F16 activations (in fragment order), then split-K partials.
+    const int64_t n_x = n_rows * n_in;
+    const int64_t xh_floats = (n_x / 2 + 63) / 64 * 64;
+    if (!qmma_supported(type, w, stride, n_in, n_rows) || scratch == nullptr || size_t(xh_floats) > scratch_floats)
+        return false;
+    auto* xh = reinterpret_cast<__half*>(scratch);
+    const bool nibble = type == WT_Q4_0 || type == WT_Q4_1 || type == WT_Q5_0 || type == WT_Q5_1;
+    const int threads = 256;
+    x_to_f16_perm_kernel<<<unsigned((n_x / 8 + threads - 1) / threads), threads, 0, stream>>>(x, n_x, nibble, xh);
+    CUDA_CHECK_LAUNCH();
+    float* part = scratch + xh_floats;
+    const size_t part_floats = scratch_floats - size_t(xh_floats);
     const auto* wb = static_cast<const uint8_t*>(w);
     dispatch_weight_type(type, [&](auto t) {
         constexpr int T = decltype(t)::value;
@@ -397,10 +417,9 @@ void qmma(int type, const void* w, size_t stride, int64_t n_in, int64_t n_out, c
             if (n_rows <= 16) launch_qmma<T, 2>(wb, stride, n_in, n_out, xh, n_rows, y, part, part_floats, stream);
             else if (n_rows <= 32) launch_qmma<T, 4>(wb, stride, n_in, n_out, xh, n_rows, y, part, part_floats, stream);
             else launch_qmma<T, 8>(wb, stride, n_in, n_out, xh, n_rows, y, part, part_floats, stream);
-        } else {
-            throw std::runtime_error("qmma: not a block-quantized type");
         }
     });
+    return true;
 }
 
 }  // namespace coinfer::kernels

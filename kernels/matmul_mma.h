@@ -4,7 +4,6 @@
 #include <cstddef>
 #include <cstdint>
 
-#include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
 namespace coinfer::kernels {
@@ -15,9 +14,11 @@ constexpr int64_t k_qmma_max_rows = 512;
 // row stride 16-byte aligned (the CUDA backend pads rows at upload).
 bool qmma_supported(int type, const void* w, size_t stride, int64_t n_in, int64_t n_rows);
 
-// y[r][o] = dot(W row o, xh[r]); W: n_out rows, `stride` bytes apart; xh: [n_rows, n_in] F16;
-// y: [n_rows, n_out] F32. part: room for split-K partial sums (part_floats; fewer splits if small).
-void qmma(int type, const void* w, size_t stride, int64_t n_in, int64_t n_out, const __half* xh, int64_t n_rows,
-          float* y, float* part, size_t part_floats, cudaStream_t stream);
+// y[r][o] = dot(W row o, x[r]); W: n_out rows, `stride` bytes apart; x: [n_rows, n_in] F32
+// (rounded to F16); y: [n_rows, n_out] F32. scratch: the F16 activations, then room for split-K
+// partial sums (fewer splits where it is small). Returns false, launching nothing, where
+// qmma_supported says no or the scratch cannot hold the activations.
+bool qmma(int type, const void* w, size_t stride, int64_t n_in, int64_t n_out, const float* x, int64_t n_rows,
+          float* y, float* scratch, size_t scratch_floats, cudaStream_t stream);
 
 }  // namespace coinfer::kernels
