@@ -17,7 +17,7 @@
 //   is, so a token's result does not depend on its batch.
 //   dequant_kernel     one thread per chunk, writing F32 rows (embedding gather, SGEMM tiles).
 //   dequant_f16_kernel the same into F16 (tensor-core tiles).
-//   matmul             GEMV below ctx.gemm_min_rows; from there to 512 rows, quantized weights go
+//   matmul             GEMV below ctx.gemm_min_rows; from there to 192 rows, quantized weights go
 //                      through the fused tensor-core product of matmul_mma.cu; else F16/BF16
 //                      operands through cublasGemmEx with FP32 accumulate (F32 weights: SGEMM).
 #include <algorithm>
@@ -889,7 +889,7 @@ void dequantize_rows(int type, const void* w, size_t row_bytes, int64_t n_in, co
 void matmul(const MatmulContext& ctx, int type, const void* w, size_t row_bytes, int64_t n_in, int64_t n_out,
             const float* x, int64_t n_rows, float* y, cudaStream_t stream) {
     if (n_rows <= 0 || n_out <= 0) return;
-    // Quantized weights from gemm_min_rows to 512 rows: the fused tensor-core product, which
+    // Quantized weights from gemm_min_rows to k_qmma_max_rows: the fused tensor-core product, which
     // dequantizes in registers and writes no F16 copy of W.
     if (n_rows >= ctx.gemm_min_rows &&
         qmma(type, w, row_bytes, n_in, n_out, x, n_rows, y, ctx.scratch, ctx.scratch_floats, stream))

@@ -151,7 +151,7 @@ std::vector<Case> make_cases(int n_threads) {
     const bool gemv_q8 = q8_env && std::strcmp(q8_env, "1") == 0;
     // GEMV (F32 activations): NMSE <= 1e-7 (1e-4 for the int8 activations of COINFER_GEMV_Q8=1).
     // Tensor-core paths (F16 activations, BF16 for BF16 weights, FP32 accumulate): the fused
-    // quantized product up to 512 rows, cuBLAS for F16/BF16 and beyond 512: 1e-5. F32: SGEMM, 1e-7.
+    // quantized product up to 192 rows, cuBLAS for F16/BF16 and beyond: 1e-5. F32: SGEMM, 1e-7.
     const std::vector<GgmlType> bench_types = {GGML_TYPE_F16, GGML_TYPE_BF16, GGML_TYPE_Q8_0, GGML_TYPE_Q4_0,
                                                GGML_TYPE_Q4_K};
     const std::vector<int64_t> all_rows = {1, 2, 3, 7, 8, 9, 16, 17, 64, 255, 256, 512};
@@ -180,6 +180,7 @@ std::vector<Case> make_cases(int n_threads) {
         {4096, 11008, {16, 64, 128, 256}, false, {GGML_TYPE_F16, GGML_TYPE_Q4_0, GGML_TYPE_Q4_K}, PATH_GEMV},
         {4096, 4096, {1, 2, 4, 8}, false, bench_types, PATH_MMA},  // tensor cores below the crossover
         {4096, 11008, {2, 4, 8}, false, bench_types, PATH_MMA},
+        {4096, 11008, {96, 128, 192, 256, 384}, false, bench_types},  // the tensor-core crossover
     };
     for (const Shape& s : shapes) {
         for (GgmlType type : all_types) {
