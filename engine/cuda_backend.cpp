@@ -364,8 +364,9 @@ CudaBackend::CudaBackend(std::shared_ptr<const Model> model, const BackendOption
 
     // Dequantize-to-F32 tile for the cuBLAS path: up to 64 Mi floats (256 MiB).
     mm_.cublas = cublas_;
-    // GEMV up to 8 rows, cuBLAS from 9 (measured crossover); never cuBLAS when batch-invariant.
-    mm_.gemm_min_rows = env_int("COINFER_CUDA_GEMM_MIN_ROWS", opt_.batch_invariant ? (1 << 30) : 9);
+    // GEMV for one row, tensor cores from 2 (H100, 4096x11008: Q4_0 at 8 rows 103.5 us as GEMV,
+    // 25.8 us fused; F16 104.5 vs 39.9 us through cuBLAS); never tensor cores when batch-invariant.
+    mm_.gemm_min_rows = env_int("COINFER_CUDA_GEMM_MIN_ROWS", opt_.batch_invariant ? (1 << 30) : 2);
     int64_t max_w = 0;
     for (const DevLayer& d : layers_)
         for (const DevWeight* dw : {&d.wq, &d.wk, &d.wv, &d.wo, &d.w_gate, &d.w_up, &d.w_down})
