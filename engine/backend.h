@@ -21,7 +21,7 @@ struct BackendOptions {
     float gpu_memory_fraction = 0.9f;
     // cuda: keep every matrix product on the GEMV kernels, whose per-row sums do not depend on
     // the batch, so a request gives the same bits alone or in any batch. Off by default: batches
-    // of 9 rows and more then go through cuBLAS tensor cores (F16 operands), several times faster.
+    // of 2 rows and more then go through tensor cores (F16 operands), several times faster.
     bool batch_invariant = false;
 };
 
