@@ -408,10 +408,11 @@ void quant_block(const float* x, BlockQ5_1& b) {
     pack5(q, b.qs, b.qh);
 }
 
-// Q4_K, a simple scheme: per 32-element sub-block, min m_s = -min(0, min x) (rounded up on the
-// 6-bit grid so it never cuts off the low end) and scale covering [-m_s, max x] in 15 steps.
-// Super-block scales d, dmin put the largest 6-bit scale/min at 63.
-void quant_block(const float* x, BlockQ4_K& b) {
+// Q4_K and Q5_K, a simple scheme: per 32-element sub-block, min m_s = -min(0, min x) (rounded up
+// on the 6-bit grid so it never cuts off the low end) and scale covering [-m_s, max x] in
+// n_steps steps (15 or 31). Super-block scales d, dmin put the largest 6-bit scale/min at 63.
+// Writes d, dmin and the 12 packed scale bytes; q[256] gets the values 0..n_steps.
+void kquant_sub_blocks(const float* x, int n_steps, uint8_t* d_out, uint8_t* dmin_out, uint8_t* packed, int* q) {
     float sub_scale[8], sub_min[8];
     float max_scale = 0.0f, max_min = 0.0f;
     for (int s = 0; s < 8; ++s) {
@@ -419,14 +420,14 @@ void quant_block(const float* x, BlockQ4_K& b) {
         min_max(x + 32 * s, 32, mn, mx);
         mn = std::min(mn, 0.0f);
         sub_min[s] = -mn;
-        sub_scale[s] = (mx - mn) / 15.0f;
+        sub_scale[s] = (mx - mn) / float(n_steps);
         max_scale = std::max(max_scale, sub_scale[s]);
         max_min = std::max(max_min, sub_min[s]);
     }
     constexpr float kHalfMax = 65504.0f;
-    store_f16(b.d, std::min(max_scale / 63.0f, kHalfMax));
-    store_f16(b.dmin, std::min(max_min / 63.0f, kHalfMax));
-    const float d = load_f16(b.d), dmin = load_f16(b.dmin);
+    store_f16(d_out, std::min(max_scale / 63.0f, kHalfMax));
+    store_f16(dmin_out, std::min(max_min / 63.0f, kHalfMax));
+    const float d = load_f16(d_out), dmin = load_f16(dmin_out);
 
     int sc[8], mq[8];
     for (int s = 0; s < 8; ++s) {
@@ -434,25 +435,79 @@ void quant_block(const float* x, BlockQ4_K& b) {
         const float lo = dmin * float(mq[s]);
         float mx = 0.0f;
         for (int l = 0; l < 32; ++l) mx = std::max(mx, x[32 * s + l]);
-        sc[s] = d > 0.0f ? std::clamp(int(std::lround((mx + lo) / 15.0f / d)), 0, 63) : 0;
+        sc[s] = d > 0.0f ? std::clamp(int(std::lround((mx + lo) / float(n_steps) / d)), 0, 63) : 0;
     }
     // Pack: bytes 0..3 scales 0..3 (+ top bits of scales 4..7), 4..7 mins 0..3 (+ top bits of
     // mins 4..7), 8..11 low nibbles of scale (low) and min (high) 4..7.
     for (int j = 0; j < 4; ++j) {
-        b.scales[j] = uint8_t((sc[j] & 63) | ((sc[j + 4] >> 4) << 6));
-        b.scales[j + 4] = uint8_t((mq[j] & 63) | ((mq[j + 4] >> 4) << 6));
-        b.scales[j + 8] = uint8_t((sc[j + 4] & 0xf) | ((mq[j + 4] & 0xf) << 4));
+        packed[j] = uint8_t((sc[j] & 63) | ((sc[j + 4] >> 4) << 6));
+        packed[j + 4] = uint8_t((mq[j] & 63) | ((mq[j + 4] >> 4) << 6));
+        packed[j + 8] = uint8_t((sc[j + 4] & 0xf) | ((mq[j + 4] & 0xf) << 4));
     }
-    // Sub-blocks 2k and 2k+1 share qs[32k..32k+32): low and high nibbles.
     for (int s = 0; s < 8; ++s) {
         const float step = d * float(sc[s]);
         const float lo = dmin * float(mq[s]);
         const float inv = step > 0.0f ? 1.0f / step : 0.0f;
-        uint8_t* q = b.qs + 32 * (s / 2);
-        for (int l = 0; l < 32; ++l) {
-            const int v = std::clamp(int(std::lround((x[32 * s + l] + lo) * inv)), 0, 15);
-            if (s % 2 == 0) q[l] = uint8_t(v);
-            else q[l] = uint8_t(q[l] | (v << 4));
+        for (int l = 0; l < 32; ++l)
+            q[32 * s + l] = std::clamp(int(std::lround((x[32 * s + l] + lo) * inv)), 0, n_steps);
+    }
+}
+
+// Sub-blocks 2k and 2k+1 share qs[32k..32k+32): low and high nibbles.
+void pack_k_nibbles(const int* q, uint8_t* qs) {
+    for (int k = 0; k < 4; ++k)
+        for (int l = 0; l < 32; ++l)
+            qs[32 * k + l] = uint8_t((q[64 * k + l] & 0xf) | ((q[64 * k + 32 + l] & 0xf) << 4));
+}
+
+void quant_block(const float* x, BlockQ4_K& b) {
+    int q[QK_K];
+    kquant_sub_blocks(x, 15, b.d, b.dmin, b.scales, q);
+    pack_k_nibbles(q, b.qs);
+}
+
+// Q5_K: the 5th bit of element l of sub-block s is bit s of qh[l].
+void quant_block(const float* x, BlockQ5_K& b) {
+    int q[QK_K];
+    kquant_sub_blocks(x, 31, b.d, b.dmin, b.scales, q);
+    pack_k_nibbles(q, b.qs);
+    for (int l = 0; l < 32; ++l) {
+        uint8_t h = 0;
+        for (int s = 0; s < 8; ++s) h = uint8_t(h | ((q[32 * s + l] >> 4) << s));
+        b.qh[l] = h;
+    }
+}
+
+// Q6_K: per 16 elements a signed scale (the value of largest magnitude maps to -32, as Q4_0
+// does with -8), stored as int8 steps of d = largest |scale| / 127; values in [-32, 31] + 32.
+// Element e of half h (e = 0..127) lives in ql[64h + e % 64] (low nibble for e < 64, else high)
+// and bits 2 * (e / 32) of qh[32h + e % 32], with scale 8h + e / 16.
+void quant_block(const float* x, BlockQ6_K& b) {
+    float sub[16];
+    float amax = 0.0f;
+    for (int s = 0; s < 16; ++s) {
+        sub[s] = signed_absmax(x + 16 * s, 16) / -32.0f;
+        amax = std::max(amax, std::fabs(sub[s]));
+    }
+    store_f16(b.d, std::min(amax / 127.0f, 65504.0f));
+    const float d = load_f16(b.d);
+    int sc[16];
+    for (int s = 0; s < 16; ++s) {
+        sc[s] = d > 0.0f ? std::clamp(int(std::lround(sub[s] / d)), -128, 127) : 0;
+        b.scales[s] = int8_t(sc[s]);
+    }
+    std::memset(b.ql, 0, sizeof b.ql);
+    std::memset(b.qh, 0, sizeof b.qh);
+    for (int h = 0; h < 2; ++h) {
+        for (int e = 0; e < 128; ++e) {
+            const int s = 8 * h + e / 16;
+            const float step = d * float(sc[s]);
+            const float inv = step != 0.0f ? 1.0f / step : 0.0f;
+            const int v = std::clamp(int(std::lround(x[128 * h + e] * inv)), -32, 31) + 32;
+            uint8_t& l = b.ql[64 * h + e % 64];
+            l = uint8_t(l | ((v & 0xf) << (e < 64 ? 0 : 4)));
+            uint8_t& q = b.qh[32 * h + e % 32];
+            q = uint8_t(q | ((v >> 4) << (2 * (e / 32))));
         }
     }
 }
@@ -647,7 +702,9 @@ bool quantize_supported(GgmlType type) {
         case GGML_TYPE_Q4_1:
         case GGML_TYPE_Q5_0:
         case GGML_TYPE_Q5_1:
-        case GGML_TYPE_Q4_K: return true;
+        case GGML_TYPE_Q4_K:
+        case GGML_TYPE_Q5_K:
+        case GGML_TYPE_Q6_K: return true;
         default: return false;
     }
 }
@@ -708,6 +765,8 @@ void quantize_row(GgmlType type, const float* src, void* dst, int64_t n) {
         case GGML_TYPE_Q5_0: return quant_row_t<BlockQ5_0>(src, dst, n);
         case GGML_TYPE_Q5_1: return quant_row_t<BlockQ5_1>(src, dst, n);
         case GGML_TYPE_Q4_K: return quant_row_t<BlockQ4_K>(src, dst, n);
+        case GGML_TYPE_Q5_K: return quant_row_t<BlockQ5_K>(src, dst, n);
+        case GGML_TYPE_Q6_K: return quant_row_t<BlockQ6_K>(src, dst, n);
         default: break;
     }
     throw_error("quantize_row: no quantizer for type {}", ggml_type_name(type));

@@ -24,7 +24,8 @@ uint16_t fp32_to_bf16(float f);  // round to nearest even; NaN stays a (quiet) N
 
 // True for the formats dequantize_row / vec_dot_row / matmul handle.
 bool quant_supported(GgmlType type);
-// True for the formats quantize_row handles (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K).
+// True for the formats quantize_row handles (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K,
+// Q5_K, Q6_K).
 bool quantize_supported(GgmlType type);
 
 // Elements per block (1 for F32/F16/BF16). Throws coinfer::Error for unsupported types.
@@ -37,7 +38,7 @@ size_t quant_row_bytes(GgmlType type, int64_t n);
 void dequantize_row(GgmlType type, const void* src, float* dst, int64_t n);
 
 // src[0..n) -> one row in `type`. Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 follow ggml's reference
-// quantizers byte for byte; Q4_K uses a simple min/max scheme of its own.
+// quantizers byte for byte; Q4_K, Q5_K and Q6_K use simple min/max schemes of their own.
 void quantize_row(GgmlType type, const float* src, void* dst, int64_t n);
 
 // dot(dequant(row), x) in float, without materialising more than one block of the row.

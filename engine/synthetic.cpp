@@ -33,13 +33,18 @@ const SyntheticShape& synthetic_shape(std::string_view name) {
     throw_error("unknown synthetic shape '{}' (known: {})", name, known);
 }
 
-GgmlType synthetic_type(std::string_view name) {
-    if (name == "f16") return GGML_TYPE_F16;
-    if (name == "bf16") return GGML_TYPE_BF16;
-    if (name == "q8_0") return GGML_TYPE_Q8_0;
-    if (name == "q4_0") return GGML_TYPE_Q4_0;
-    if (name == "q4_k") return GGML_TYPE_Q4_K;
-    throw_error("unknown synthetic weight type '{}' (known: f16, bf16, q8_0, q4_0, q4_k)", name);
+SyntheticWeights synthetic_type(std::string_view name) {
+    if (name == "f16") return {GGML_TYPE_F16};
+    if (name == "bf16") return {GGML_TYPE_BF16};
+    if (name == "q8_0") return {GGML_TYPE_Q8_0};
+    if (name == "q4_0") return {GGML_TYPE_Q4_0};
+    if (name == "q4_k") return {GGML_TYPE_Q4_K};
+    if (name == "q5_k") return {GGML_TYPE_Q5_K};
+    if (name == "q6_k") return {GGML_TYPE_Q6_K};
+    if (name == "q4_k_m") return {GGML_TYPE_Q4_K, true};
+    if (name == "q5_k_m") return {GGML_TYPE_Q5_K, true};
+    throw_error("unknown synthetic weight type '{}' (known: f16, bf16, q8_0, q4_0, q4_k, q5_k, q6_k, q4_k_m, q5_k_m)",
+                name);
 }
 
 bool is_synthetic_path(std::string_view path) { return path.starts_with("synthetic:"); }
@@ -54,7 +59,9 @@ SyntheticSpec parse_synthetic_path(std::string_view path) {
     }
     SyntheticSpec spec;
     spec.shape = synthetic_shape(rest);
-    spec.type = synthetic_type(type);
+    const SyntheticWeights w = synthetic_type(type);
+    spec.type = w.type;
+    spec.mix_m = w.mix_m;
     return spec;
 }
 
@@ -155,27 +162,39 @@ constexpr uint64_t k_alignment = 32;
 
 uint64_t align_up(uint64_t x) { return (x + k_alignment - 1) / k_alignment * k_alignment; }
 
-// llama_ftype ids for general.file_type (pure files: everything in one type).
-uint32_t file_type_id(GgmlType t) {
+// llama_ftype ids for general.file_type.
+uint32_t file_type_id(GgmlType t, bool mix_m) {
     switch (t) {
         case GGML_TYPE_F16: return 1;
         case GGML_TYPE_Q4_0: return 2;
         case GGML_TYPE_Q8_0: return 7;
-        case GGML_TYPE_Q4_K: return 14;  // Q4_K_S
+        case GGML_TYPE_Q4_K: return mix_m ? 15 : 14;  // Q4_K_M, Q4_K_S
+        case GGML_TYPE_Q5_K: return mix_m ? 17 : 16;  // Q5_K_M, Q5_K_S
+        case GGML_TYPE_Q6_K: return 18;
         case GGML_TYPE_BF16: return 32;
         default: return 0;
     }
 }
 
-std::string type_suffix(GgmlType t) {
+std::string type_suffix(GgmlType t, bool mix_m) {
+    std::string s;
     switch (t) {
-        case GGML_TYPE_F16: return "f16";
-        case GGML_TYPE_BF16: return "bf16";
-        case GGML_TYPE_Q8_0: return "q8_0";
-        case GGML_TYPE_Q4_0: return "q4_0";
-        case GGML_TYPE_Q4_K: return "q4_k";
-        default: return std::string(ggml_type_name(t));
+        case GGML_TYPE_F16: s = "f16"; break;
+        case GGML_TYPE_BF16: s = "bf16"; break;
+        case GGML_TYPE_Q8_0: s = "q8_0"; break;
+        case GGML_TYPE_Q4_0: s = "q4_0"; break;
+        case GGML_TYPE_Q4_K: s = "q4_k"; break;
+        case GGML_TYPE_Q5_K: s = "q5_k"; break;
+        case GGML_TYPE_Q6_K: s = "q6_k"; break;
+        default: s = ggml_type_name(t);
     }
+    if (mix_m) s.append("_m");
+    return s;
+}
+
+// llama.cpp's layer choice for the _M mixes (llama-quant.cpp, use_more_bits).
+bool use_more_bits(int64_t i_layer, int64_t n_layer) {
+    return i_layer < n_layer / 8 || i_layer >= 7 * n_layer / 8 || (i_layer - n_layer / 8) % 3 == 2;
 }
 
 template <typename T>
@@ -240,17 +259,19 @@ ModelPlan make_plan(const SyntheticSpec& spec, const GgufFile* vocab) {
     const int64_t head_dim = s.n_embd / s.n_head;
     const int64_t n_kv = s.n_head_kv * head_dim;
     const GgmlType t = spec.type;
-    const int64_t bs = quant_block_size(t);
-    for (int64_t n_in : {s.n_embd, s.n_ff})
-        if (n_in % bs != 0)
-            throw_error("shape '{}': rows of {} elements are not a multiple of {}'s block size {}", s.name,
-                        n_in, ggml_type_name(t), bs);
+    for (GgmlType tt : {t, spec.mix_m ? GGML_TYPE_Q6_K : t}) {
+        const int64_t bs = quant_block_size(tt);
+        for (int64_t n_in : {s.n_embd, s.n_ff})
+            if (n_in % bs != 0)
+                throw_error("shape '{}': rows of {} elements are not a multiple of {}'s block size {}", s.name,
+                            n_in, ggml_type_name(tt), bs);
+    }
 
     ModelPlan p;
     auto& kv = p.kv;
     kv.emplace_back("general.architecture", value(std::string("llama")));
-    kv.emplace_back("general.name", value(fmt::format("synthetic-{}-{}", s.name, type_suffix(t))));
-    kv.emplace_back("general.file_type", value(file_type_id(t)));
+    kv.emplace_back("general.name", value(fmt::format("synthetic-{}-{}", s.name, type_suffix(t, spec.mix_m))));
+    kv.emplace_back("general.file_type", value(file_type_id(t, spec.mix_m)));
     kv.emplace_back("general.quantization_version", value(uint32_t(2)));
     kv.emplace_back("llama.context_length", value(uint32_t(s.n_ctx)));
     kv.emplace_back("llama.embedding_length", value(uint32_t(s.n_embd)));
@@ -269,9 +290,10 @@ ModelPlan make_plan(const SyntheticSpec& spec, const GgufFile* vocab) {
         add_builtin_tokenizer(kv, s.n_vocab);
     }
 
-    auto matrix = [&](std::string name, int64_t n_in, int64_t n_out) {
-        TensorPlan tp{std::move(name), t, {n_in, n_out}};
-        tp.n_bytes = quant_row_bytes(t, n_in) * static_cast<uint64_t>(n_out);
+    auto matrix = [&](std::string name, int64_t n_in, int64_t n_out, bool more_bits = false) {
+        const GgmlType tt = spec.mix_m && more_bits ? GGML_TYPE_Q6_K : t;
+        TensorPlan tp{std::move(name), tt, {n_in, n_out}};
+        tp.n_bytes = quant_row_bytes(tt, n_in) * static_cast<uint64_t>(n_out);
         p.tensors.push_back(std::move(tp));
     };
     auto norm = [&](std::string name, int64_t n) {
@@ -285,15 +307,15 @@ ModelPlan make_plan(const SyntheticSpec& spec, const GgufFile* vocab) {
         norm(b + "attn_norm.weight", s.n_embd);
         matrix(b + "attn_q.weight", s.n_embd, s.n_embd);
         matrix(b + "attn_k.weight", s.n_embd, n_kv);
-        matrix(b + "attn_v.weight", s.n_embd, n_kv);
+        matrix(b + "attn_v.weight", s.n_embd, n_kv, use_more_bits(i, s.n_layer));
         matrix(b + "attn_output.weight", s.n_embd, s.n_embd);
         norm(b + "ffn_norm.weight", s.n_embd);
         matrix(b + "ffn_gate.weight", s.n_embd, s.n_ff);
         matrix(b + "ffn_up.weight", s.n_embd, s.n_ff);
-        matrix(b + "ffn_down.weight", s.n_ff, s.n_embd);
+        matrix(b + "ffn_down.weight", s.n_ff, s.n_embd, use_more_bits(i, s.n_layer));
     }
     norm("output_norm.weight", s.n_embd);
-    matrix("output.weight", s.n_embd, s.n_vocab);
+    matrix("output.weight", s.n_embd, s.n_vocab, true);
 
     uint64_t off = 0;
     for (auto& tp : p.tensors) {
@@ -353,7 +375,7 @@ void put_array(ByteOut& o, const GgufArray& a) {
 // Everything before the data section, padded to the alignment.
 std::vector<uint8_t> header_bytes(const ModelPlan& p) {
     ByteOut o;
-    o.b.insert(o.b.end(), {'G', 'G', 'U', 'F'});
+    o.put<uint32_t>(0x46554747u);  // "GGUF", little-endian
     o.put<uint32_t>(3);
     o.put<uint64_t>(p.tensors.size());
     o.put<uint64_t>(p.kv.size());
@@ -407,7 +429,7 @@ std::shared_ptr<const Model> make_synthetic_model(const SyntheticSpec& spec) {
     image.resize(data_at + p.n_data_bytes);
     const int32_t n_threads = thread_count(spec);
     for (const auto& t : p.tensors) fill_tensor(spec, t, image.data() + data_at + t.offset, n_threads);
-    const std::string name = fmt::format("synthetic:{}:{}", spec.shape.name, type_suffix(spec.type));
+    const std::string name = fmt::format("synthetic:{}:{}", spec.shape.name, type_suffix(spec.type, spec.mix_m));
     return Model::from_file(GgufFile::from_bytes(std::move(image), name));
 }
 

@@ -39,12 +39,20 @@ struct SyntheticShape {
 const std::vector<SyntheticShape>& synthetic_shapes();
 // The shape of that name; Error listing the known ones otherwise.
 const SyntheticShape& synthetic_shape(std::string_view name);
-// "f16", "bf16", "q8_0", "q4_0", "q4_k"; Error otherwise.
-GgmlType synthetic_type(std::string_view name);
+// The weight types of a synthetic model: one type, or llama-quantize's _M mix of it.
+struct SyntheticWeights {
+    GgmlType type = GGML_TYPE_F16;
+    // llama.cpp's Q4_K_M / Q5_K_M choices: Q6_K for output.weight, and for attn_v and ffn_down
+    // in the layers its use_more_bits picks (the first and last eighth, every third between).
+    bool mix_m = false;
+};
+// "f16", "bf16", "q8_0", "q4_0", "q4_k", "q5_k", "q6_k", "q4_k_m", "q5_k_m"; Error otherwise.
+SyntheticWeights synthetic_type(std::string_view name);
 
 struct SyntheticSpec {
     SyntheticShape shape;
     GgmlType type = GGML_TYPE_F16;
+    bool mix_m = false;  // see SyntheticWeights
     uint64_t seed = 0x5EEDC0F1u;
     int32_t n_threads = 0;  // 0: std::thread::hardware_concurrency()
 };

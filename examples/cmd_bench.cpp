@@ -626,7 +626,7 @@ int cmd_bench(Args& args) {
             "usage: coinfer bench -m MODEL [--mode serve|batched] [options]\n\n"
             "Measures throughput and latency. MODEL is a GGUF file or synthetic:SHAPE[:TYPE]\n"
             "(random weights built in memory; shapes tiny, tinyllama-1.1b, llama2-7b, llama3-8b;\n"
-            "types f16 (default), bf16, q8_0, q4_0, q4_k).\n\n"
+            "types f16 (default), bf16, q8_0, q4_0, q4_k, q5_k, q6_k, q4_k_m, q5_k_m).\n\n"
             "common:\n"
             "  -m, --model MODEL          GGUF file or synthetic:SHAPE[:TYPE]\n"
             "  --mode serve|batched       (default serve)\n"

@@ -21,8 +21,9 @@ int cmd_synth(Args& args) {
         fmt::print(
             "usage: coinfer synth SHAPE TYPE -o FILE.gguf [--vocab VOCAB.gguf]\n\n"
             "Writes random Llama weights (normal, std 0.02, norms 1, fixed seed) of a named shape,\n"
-            "every matrix in TYPE (f16, bf16, q8_0, q4_0, q4_k), the same model that\n"
-            "--model synthetic:SHAPE:TYPE builds in memory.\n"
+            "every matrix in TYPE (f16, bf16, q8_0, q4_0, q4_k, q5_k, q6_k; q4_k_m and q5_k_m are\n"
+            "llama-quantize's mixes, with Q6_K for output, attn_v and ffn_down where it puts them),\n"
+            "the same model that --model synthetic:SHAPE:TYPE builds in memory.\n"
             "  -o, --output FILE        the GGUF file to write\n"
             "  --vocab VOCAB.gguf       copy its tokenizer.* keys (default: a small built-in vocabulary);\n"
             "                           the tiny shape takes the vocab's size, the others must match it\n"
@@ -40,7 +41,9 @@ int cmd_synth(Args& args) {
     if (threads < 0 || threads > 1024) throw UsageError(fmt::format("--threads {} is out of range", threads));
     SyntheticSpec spec;
     spec.shape = synthetic_shape(pos[0]);
-    spec.type = synthetic_type(pos[1]);
+    const SyntheticWeights w = synthetic_type(pos[1]);
+    spec.type = w.type;
+    spec.mix_m = w.mix_m;
     spec.n_threads = static_cast<int32_t>(threads);
     std::optional<GgufFile> vocab;
     if (vocab_path) {

@@ -100,6 +100,9 @@ def test_batched(exe, tmp):
     rc, out, err = run([exe, "bench", "--model", "synthetic:tiny:q4_k", "--device", "cpu", "--mode", "batched",
                         "--batches", "2", "--pp", "8", "--tg", "4"])
     check(rc == 0 and "S_TG" in out, "bench batched on synthetic:tiny:q4_k", out + err)
+    rc, out, err = run([exe, "bench", "--model", "synthetic:tiny:q5_k_m", "--device", "cpu", "--mode", "batched",
+                        "--batches", "2", "--pp", "8", "--tg", "4"])
+    check(rc == 0 and "S_TG" in out, "bench batched on synthetic:tiny:q5_k_m", out + err)
 
 
 def test_errors(exe):
@@ -139,6 +142,20 @@ def test_synth(exe, tmp):
     check(re.search(r"llama\.vocab_size\s+uint32\s+32000", out) is not None, "tiny adopts the vocab's 32000 tokens", out)
     rc, out, err = run([exe, "generate", "-m", f, "-p", "hello", "-n", "8", "--temp", "0", "--device", "cpu"])
     check(rc == 0, "coinfer generate on the synth file exits 0", out + err)
+    # llama-quantize's Q4_K_M choices on 2 layers: Q6_K for output, blk.1.attn_v and blk.1.ffn_down
+    # (use_more_bits picks layer 1 of 2), Q4_K elsewhere; file type 15 (MOSTLY_Q4_K_M).
+    f = os.path.join(tmp, "tiny-q4_k_m.gguf")
+    rc, out, err = run([exe, "synth", "tiny", "q4_k_m", "-o", f])
+    check(rc == 0 and os.path.exists(f), "synth tiny q4_k_m writes a file", out + err)
+    rc, out, err = run([exe, "gguf", f])
+    want = {"output.weight": "Q6_K", "token_embd.weight": "Q4_K", "blk.0.attn_v.weight": "Q4_K",
+            "blk.1.attn_v.weight": "Q6_K", "blk.0.ffn_down.weight": "Q4_K", "blk.1.ffn_down.weight": "Q6_K",
+            "blk.1.ffn_up.weight": "Q4_K", "blk.1.attn_q.weight": "Q4_K"}
+    for name, t in want.items():
+        check(re.search(re.escape(name) + r"\s+" + t + r"\s", out) is not None, f"q4_k_m: {name} is {t}", out)
+    check(re.search(r"general\.file_type\s+uint32\s+15", out) is not None, "q4_k_m: general.file_type 15", out)
+    rc, out, err = run([exe, "generate", "-m", f, "-p", "hello", "-n", "4", "--temp", "0", "--device", "cpu"])
+    check(rc == 0, "coinfer generate on the q4_k_m file exits 0", out + err)
     rc, out, err = run([exe, "synth", "llama2-7b", "q4_0", "-o", os.path.join(tmp, "x.gguf"), "--vocab",
                         os.path.join(os.path.dirname(vocab), "ggml-vocab-gpt-2.gguf")])
     check(rc == 1 and "needs 32000" in err, "a vocab of the wrong size is an error for the real shapes", err)
