@@ -387,18 +387,20 @@ gemv_quant_kernel(const uint8_t* __restrict__ w, size_t row_bytes, int64_t n_in,
     }
 }
 
-// ---- split-block GEMV (Q4_0, Q8_0, Q4_K) ----
+// ---- split-block GEMV (Q4_0, Q8_0, Q4_K, Q5_K, Q6_K) ----
 //
 // A row is cut into "pieces" of 8 weights (Q4_0: a quarter of a block's nibbles, i.e. values
-// 4j..4j+3 and 16+4j..16+4j+3; Q8_0: a quarter of a block) or 16 (Q4_K: 8 bytes of one 32-byte
-// nibble group, i.e. 8 values of sub-block 2m and the 8 matching values of sub-block 2m+1).
+// 4j..4j+3 and 16+4j..16+4j+3; Q8_0: a quarter of a block) or 16 (Q4_K, Q5_K: 8 bytes of one
+// 32-byte nibble group, i.e. 8 values of sub-block 2m and the 8 matching values of sub-block
+// 2m+1; Q6_K: 4 bytes l0..l0+3 of a half's ql and qh, i.e. values l0.., 32+l0.., 64+l0..,
+// 96+l0.. of the half, each group of 4 with its own int8 scale).
 // Lane l of a warp takes pieces l, l+32, ...: 4 lanes share a block, a warp reads whole blocks
 // in a row, and the block scale multiplies each lane's partial dot once instead of every weight.
 // Activations are read straight from global/L1 as float4 (lanes of a block read adjacent
 // vectors, so each load of the warp is coalesced), with no shared-memory staging.
 //   FP32 mode (default): weights become exact integer-valued floats (byte permute into the
 //     mantissa of 2^23, one FSUB), dotted with the F32 activations; NMSE against the CPU ~1e-14.
-//   Q8 mode (COINFER_GEMV_Q8=1): the activation rows are first rounded to int8 blocks of 32 with
+//   Q8 mode (COINFER_GEMV_Q8=1; Q4_0, Q8_0, Q4_K): the activation rows are first rounded to int8 blocks of 32 with
 //     one F32 scale (quantize_x_q8_kernel, once per call), and pieces are dotted with __dp4a; the
 //     scales are applied per piece in FP32. Adds the activation rounding error (NMSE ~3e-5 on
 //     Gaussian inputs; logits move by ~1e-2 on quant-base), so it is opt-in.
@@ -406,9 +408,9 @@ gemv_quant_kernel(const uint8_t* __restrict__ w, size_t row_bytes, int64_t n_in,
 // the Q8 rounding of a row depends on that row alone.
 
 template <int T>
-constexpr int piece_elems() { return T == WT_Q4_K ? 16 : 8; }
+constexpr int piece_elems() { return T == WT_Q4_0 || T == WT_Q8_0 ? 8 : 16; }
 
-struct RawPiece { uint32_t w[6]; };
+struct RawPiece { uint32_t w[8]; };
 
 __device__ __forceinline__ uint32_t ld_u16(const uint8_t* p) { return __ldg(reinterpret_cast<const uint16_t*>(p)); }
 
@@ -437,6 +439,34 @@ __device__ __forceinline__ RawPiece load_piece(const uint8_t* __restrict__ row, 
         const uint2 q = __ldg(reinterpret_cast<const uint2*>(b + 16 + 32 * m + 8 * sub));
         r.w[4] = q.x;
         r.w[5] = q.y;
+    } else if constexpr (T == WT_Q5_K) {
+        // As Q4_K (super-blocks of 176 bytes, 16-byte aligned in padded rows), plus qh[8sub..+8).
+        const uint8_t* b = row + 176 * (p >> 4);
+        const int j = int(p & 15), m = j >> 2, sub = j & 3;
+        r.w[0] = __ldg(reinterpret_cast<const uint32_t*>(b));
+        r.w[1] = ld_u16(b + 4 + (m >= 2 ? 2 * m - 4 : 0));
+        r.w[2] = ld_u16(b + 4 + 2 * m);
+        r.w[3] = ld_u16(b + 8 + 2 * m);
+        const uint2 q = __ldg(reinterpret_cast<const uint2*>(b + 48 + 32 * m + 8 * sub));
+        const uint2 h = __ldg(reinterpret_cast<const uint2*>(b + 16 + 8 * sub));
+        r.w[4] = q.x;
+        r.w[5] = q.y;
+        r.w[6] = h.x;
+        r.w[7] = h.y;
+    } else if constexpr (T == WT_Q6_K) {
+        // Super-blocks of 210 bytes: 2-byte aligned only. Piece j: half j / 8, bytes l0 = 4 (j % 8).
+        const uint8_t* b = row + 210 * (p >> 4);
+        const int j = int(p & 15), half = j >> 3, l0 = 4 * (j & 7);
+        const uint8_t* ql = b + 64 * half + l0;
+        r.w[0] = ld_u16(ql) | (ld_u16(ql + 2) << 16);
+        r.w[1] = ld_u16(ql + 32) | (ld_u16(ql + 34) << 16);
+        const uint8_t* qh = b + 128 + 32 * half + l0;
+        r.w[2] = ld_u16(qh) | (ld_u16(qh + 2) << 16);
+        // int8 scales of the four groups: sc[8 half + l0 / 16 + {0, 2, 4, 6}].
+        const uint8_t* sc = b + 192 + 8 * half + (l0 >> 4);
+        r.w[3] = uint32_t(__ldg(sc)) | (uint32_t(__ldg(sc + 2)) << 8) | (uint32_t(__ldg(sc + 4)) << 16) |
+                 (uint32_t(__ldg(sc + 6)) << 24);
+        r.w[4] = ld_u16(b + 208);
     }
     return r;
 }
@@ -492,17 +522,34 @@ __device__ __forceinline__ void unpack_piece(const RawPiece& r, int64_t p, float
             f[i] = byte_f(r.w[1] ^ 0x80808080u, i, 8388736.0f);  // signed bytes: 2^23 + 128
             f[4 + i] = byte_f(r.w[2] ^ 0x80808080u, i, 8388736.0f);
         }
-    } else if constexpr (T == WT_Q4_K) {
-        q4k_piece_scales(r, int(p & 15) >> 2, sc);
+    } else if constexpr (T == WT_Q4_K || T == WT_Q5_K) {
+        const int m = int(p & 15) >> 2;
+        q4k_piece_scales(r, m, sc);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const uint32_t q = r.w[4 + h];
-            const uint32_t lo = q & 0x0F0F0F0Fu, hi = (q >> 4) & 0x0F0F0F0Fu;
+            uint32_t lo = q & 0x0F0F0F0Fu, hi = (q >> 4) & 0x0F0F0F0Fu;
+            if constexpr (T == WT_Q5_K) {  // bit s of qh[l]: the 5th bit of value l of sub-block s
+                lo |= ((r.w[6 + h] >> (2 * m)) & 0x01010101u) << 4;
+                hi |= ((r.w[6 + h] >> (2 * m + 1)) & 0x01010101u) << 4;
+            }
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 f[4 * h + i] = byte_f(lo, i, 8388608.0f);
                 f[8 + 4 * h + i] = byte_f(hi, i, 8388608.0f);
             }
+        }
+    } else if constexpr (T == WT_Q6_K) {
+        // Group g (values g*32 + l0..): low nibbles of ql (g = 0, 1: bytes l0.., 32+l0..; g = 2, 3:
+        // their high nibbles) with bits 2g, 2g+1 of qh on top; minus 32. Scale: d * sc[g].
+        const float d = __half2float(__ushort_as_half(uint16_t(r.w[4])));
+#pragma unroll
+        for (int g = 0; g < 4; ++g) {
+            const uint32_t l = (g & 2) ? (r.w[g & 1] >> 4) : r.w[g & 1];
+            const uint32_t v = (l & 0x0F0F0F0Fu) | (((r.w[2] >> (2 * g)) & 0x03030303u) << 4);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) f[4 * g + i] = byte_f(v, i, 8388640.0f);  // 2^23 + 32
+            sc[g] = fmul(d, i2f(int(int8_t(r.w[3] >> (8 * g)))));
         }
     }
 }
@@ -515,6 +562,13 @@ __device__ __forceinline__ float dot_piece(const float* f, const float* sc, cons
         const float4 xa = *reinterpret_cast<const float4*>(xb);
         const float4 xc = *reinterpret_cast<const float4*>(xb + (T == WT_Q4_0 ? 16 : 4));
         return fmul(sc[0], dot4(dot4(0.0f, f, xa), f + 4, xc));
+    } else if constexpr (T == WT_Q6_K) {
+        const int j = int(p & 15);
+        const float* xb = xr + 256 * (p >> 4) + 128 * (j >> 3) + 4 * (j & 7);
+        float s = 0.0f;
+#pragma unroll
+        for (int g = 0; g < 4; ++g) s = fmaf(sc[g], dot4(0.0f, f + 4 * g, *reinterpret_cast<const float4*>(xb + 32 * g)), s);
+        return s;
     } else {
         const int j = int(p & 15);
         const float* xb = xr + 256 * (p >> 4) + 64 * (j >> 2) + 8 * (j & 3);
@@ -725,7 +779,9 @@ bool gemv_q8_enabled() {
     return q8;
 }
 
-constexpr bool split_supported(int type) { return type == WT_Q4_0 || type == WT_Q8_0 || type == WT_Q4_K; }
+constexpr bool split_supported(int type) {
+    return type == WT_Q4_0 || type == WT_Q8_0 || type == WT_Q4_K || type == WT_Q5_K || type == WT_Q6_K;
+}
 
 void launch_gemv(const MatmulContext& ctx, int type, const void* w, size_t row_bytes, int64_t n_in, int64_t n_out,
                  const float* x, int64_t n_rows, float* y, cudaStream_t stream) {
@@ -749,7 +805,8 @@ void launch_gemv(const MatmulContext& ctx, int type, const void* w, size_t row_b
         // after [n_rows, n_in / 32] F32 scales.
         const int64_t n_x = n_rows * n_in;
         const int64_t xd_floats = (n_x / 32 + 3) / 4 * 4;
-        const bool q8 = gemv_q8_enabled() && ctx.scratch != nullptr &&
+        const bool q8 = gemv_q8_enabled() && (type == WT_Q4_0 || type == WT_Q8_0 || type == WT_Q4_K) &&
+                        ctx.scratch != nullptr &&
                         int64_t(ctx.scratch_floats) * 4 >= xd_floats * 4 + n_x;
         float* xd = nullptr;
         int8_t* xq = nullptr;
@@ -767,9 +824,10 @@ void launch_gemv(const MatmulContext& ctx, int type, const void* w, size_t row_b
                         unsigned((n_rows + k_gemv_rows - 1) / k_gemv_rows));
         auto go = [&](auto t) {
             constexpr int T = decltype(t)::value;
-            if (q8) {
-                if (rpw == 2) gemv_split_kernel<T, 2, true><<<grid, 32 * k_gemv_warps, 0, stream>>>(wb, row_bytes, n_in, n_out, x, xq, xd, n_rows, y);
-                else gemv_split_kernel<T, 1, true><<<grid, 32 * k_gemv_warps, 0, stream>>>(wb, row_bytes, n_in, n_out, x, xq, xd, n_rows, y);
+            constexpr bool has_q8 = T == WT_Q4_0 || T == WT_Q8_0 || T == WT_Q4_K;
+            if (has_q8 && q8) {
+                if (rpw == 2) gemv_split_kernel<T, 2, has_q8><<<grid, 32 * k_gemv_warps, 0, stream>>>(wb, row_bytes, n_in, n_out, x, xq, xd, n_rows, y);
+                else gemv_split_kernel<T, 1, has_q8><<<grid, 32 * k_gemv_warps, 0, stream>>>(wb, row_bytes, n_in, n_out, x, xq, xd, n_rows, y);
             } else {
                 if (rpw == 2) gemv_split_kernel<T, 2, false><<<grid, 32 * k_gemv_warps, 0, stream>>>(wb, row_bytes, n_in, n_out, x, xq, xd, n_rows, y);
                 else gemv_split_kernel<T, 1, false><<<grid, 32 * k_gemv_warps, 0, stream>>>(wb, row_bytes, n_in, n_out, x, xq, xd, n_rows, y);
@@ -777,7 +835,9 @@ void launch_gemv(const MatmulContext& ctx, int type, const void* w, size_t row_b
         };
         if (type == WT_Q4_0) go(std::integral_constant<int, WT_Q4_0>{});
         else if (type == WT_Q8_0) go(std::integral_constant<int, WT_Q8_0>{});
-        else go(std::integral_constant<int, WT_Q4_K>{});
+        else if (type == WT_Q4_K) go(std::integral_constant<int, WT_Q4_K>{});
+        else if (type == WT_Q5_K) go(std::integral_constant<int, WT_Q5_K>{});
+        else go(std::integral_constant<int, WT_Q6_K>{});
         CUDA_CHECK_LAUNCH();
         return;
     }

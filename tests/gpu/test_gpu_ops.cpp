@@ -177,7 +177,8 @@ std::vector<Case> make_cases(int n_threads) {
         {4096, 11008, {8}, false, bench_types},                   // decode batch of 8
         {2048, 5632, {512, 1024}, false, bench_types},            // prefill chunks (the largest: cuBLAS)
         {4096, 11008, {512}, false, bench_types},
-        {4096, 11008, {16, 64, 128, 256}, false, {GGML_TYPE_F16, GGML_TYPE_Q4_0, GGML_TYPE_Q4_K}, PATH_GEMV},
+        {4096, 11008, {16, 64, 128, 256}, false, {GGML_TYPE_F16, GGML_TYPE_Q4_0, GGML_TYPE_Q4_K, GGML_TYPE_Q5_K, GGML_TYPE_Q6_K}, PATH_GEMV},
+        {4096, 4096, {2, 3, 8}, true, {}, PATH_GEMV},
         {4096, 4096, {1, 2, 4, 8}, false, bench_types, PATH_MMA},  // tensor cores below the crossover
         {4096, 11008, {2, 4, 8}, false, bench_types, PATH_MMA},
         {4096, 11008, {96, 128, 192, 256, 384}, false, bench_types},  // the tensor-core crossover
