@@ -7,6 +7,7 @@
 
 #include "backend.h"
 #include "quant.h"
+#include "rope_table.h"
 
 namespace coinfer {
 
@@ -54,7 +55,7 @@ public:
         const size_t slots = static_cast<size_t>(opt_.n_blocks) * opt_.block_size;
         k_.assign(static_cast<size_t>(c_.n_layer), std::vector<float>(slots * c_.n_embd_kv()));
         v_.assign(static_cast<size_t>(c_.n_layer), std::vector<float>(slots * c_.n_embd_kv()));
-        build_rope_table();
+        rope_ = make_rope_table(c_, model_->weights().rope_freqs);
     }
 
     std::string name() const override { return "cpu"; }
@@ -64,7 +65,6 @@ public:
     void forward(const Batch& b, std::span<float> logits) override;
 
 private:
-    void build_rope_table();
     void rope(float* x, int64_t n_heads, int32_t pos) const;
     void matmul_w(const WeightView& w, const float* x, int64_t n_rows, float* y) const {
         matmul(w.type, w.data, w.n_in, w.n_out, x, n_rows, y, opt_.n_threads);
@@ -74,34 +74,18 @@ private:
     const ModelConfig& c_;
     BackendOptions opt_;
     std::vector<std::vector<float>> k_, v_;  // [n_layer][n_blocks * block_size, n_embd_kv]
-    std::vector<float> inv_freq_;            // [n_rot / 2]
+    RopeTable rope_;                         // inv_freq [n_rot / 2], mscale
     // Scratch, reused across steps.
     std::vector<float> x_, h_, q_, k_new_, v_new_, attn_, ff_g_, ff_u_, tmp_, scores_;
 };
-
-void CpuBackend::build_rope_table() {
-    // theta_i = pos * base^(-2i/n_rot), computed as repeated products like ggml, divided by the
-    // llama3 frequency factors when present and scaled for linear rope scaling.
-    const int64_t half = c_.n_rot / 2;
-    inv_freq_.resize(static_cast<size_t>(half));
-    const float theta_scale = std::pow(c_.rope_freq_base, -2.0f / static_cast<float>(c_.n_rot));
-    const float freq_scale = c_.rope_scaling == ROPE_SCALING_LINEAR ? 1.0f / c_.rope_scaling_factor : 1.0f;
-    float t = 1.0f;
-    for (int64_t i = 0; i < half; ++i) {
-        float f = t * freq_scale;
-        if (!model_->weights().rope_freqs.empty()) f /= model_->weights().rope_freqs[static_cast<size_t>(i)];
-        inv_freq_[static_cast<size_t>(i)] = f;
-        t *= theta_scale;
-    }
-}
 
 void CpuBackend::rope(float* x, int64_t n_heads, int32_t pos) const {
     const int64_t hd = c_.head_dim, half = c_.n_rot / 2;
     for (int64_t h = 0; h < n_heads; ++h) {
         float* v = x + h * hd;
         for (int64_t i = 0; i < half; ++i) {
-            const float theta = static_cast<float>(pos) * inv_freq_[static_cast<size_t>(i)];
-            const float cs = std::cos(theta), sn = std::sin(theta);
+            const float theta = static_cast<float>(pos) * rope_.inv_freq[static_cast<size_t>(i)];
+            const float cs = std::cos(theta) * rope_.mscale, sn = std::sin(theta) * rope_.mscale;
             // NORM rotates adjacent pairs, NEOX rotates element i with element i + n_rot/2.
             const int64_t a = c_.rope_type == ROPE_TYPE_NEOX ? i : 2 * i;
             const int64_t b = c_.rope_type == ROPE_TYPE_NEOX ? i + half : 2 * i + 1;

@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "backend.h"
+#include "rope_table.h"
 
 #if COINFER_HAVE_CUDA
 #include "kernels/attention.h"
@@ -255,6 +256,7 @@ private:
     std::vector<DevLayer> layers_;
     float* output_norm_ = nullptr;
     float* inv_freq_ = nullptr;                // [n_rot / 2]
+    float rope_mscale_ = 1.0f;                 // YaRN's cos/sin factor
     std::vector<void*> k_cache_, v_cache_;     // [n_layer][n_blocks * block_size, n_embd_kv]
 
     Scratch<float> x_, h_, q_, k_, v_, attn_, g_, u_, tmp_, logits_, attn_part_, mm_scratch_;
@@ -346,20 +348,11 @@ CudaBackend::CudaBackend(std::shared_ptr<const Model> model, const BackendOption
         layers_.push_back(d);
         progress(l + 1);
     }
-    // RoPE frequencies exactly as the CPU backend builds them.
+    // RoPE frequencies: the CPU backend's table.
     {
-        const int64_t half = c_.n_rot / 2;
-        std::vector<float> inv(static_cast<size_t>(half));
-        const float theta_scale = std::pow(c_.rope_freq_base, -2.0f / static_cast<float>(c_.n_rot));
-        const float freq_scale = c_.rope_scaling == ROPE_SCALING_LINEAR ? 1.0f / c_.rope_scaling_factor : 1.0f;
-        float t = 1.0f;
-        for (int64_t i = 0; i < half; ++i) {
-            float f = t * freq_scale;
-            if (!w.rope_freqs.empty()) f /= w.rope_freqs[static_cast<size_t>(i)];
-            inv[static_cast<size_t>(i)] = f;
-            t *= theta_scale;
-        }
-        inv_freq_ = upload_floats(inv, "rope inv_freq");
+        const RopeTable rt = make_rope_table(c_, w.rope_freqs);
+        inv_freq_ = upload_floats(rt.inv_freq, "rope inv_freq");
+        rope_mscale_ = rt.mscale;
     }
 
     // Dequantize-to-F32 tile for the cuBLAS path: up to 64 Mi floats (256 MiB).
@@ -541,7 +534,7 @@ void CudaBackend::encode(int64_t n, int64_t n_out, int64_t max_ctx, int32_t stri
     kn::AttentionParams ap = attn_params();
     kn::RopeParams rp{static_cast<int32_t>(c_.n_head), static_cast<int32_t>(c_.n_head_kv),
                             static_cast<int32_t>(hd), static_cast<int32_t>(c_.n_rot), c_.rope_type == ROPE_TYPE_NEOX,
-                            inv_freq_};
+                            inv_freq_, 0, rope_mscale_};
     OpProfile* pr = prof_.get();
     auto mark = [&](const char* name, double bytes = 0.0) {
         if (pr) pr->mark(name, bytes, stream_);

@@ -72,8 +72,6 @@ Model::Model(GgufFile file) : file_(std::move(file)), config_(ModelConfig::from_
     if (tokenizer_ && tokenizer_->n_vocab() != c.n_vocab)
         throw_error("{}: the tokenizer has {} tokens but the model's vocabulary is {}", file_.path(),
                     tokenizer_->n_vocab(), c.n_vocab);
-    if (c.rope_scaling == ROPE_SCALING_YARN)
-        throw_error("{}: rope scaling type 'yarn' is not supported yet", file_.path());
 
     Loader l(file_, c);
     const int64_t n_q = c.n_head * c.head_dim;

@@ -20,6 +20,7 @@ const std::vector<SyntheticShape>& synthetic_shapes() {
         {"tinyllama-1.1b", 2048, 22, 32, 4, 5632, 32000, 4096, 10000.0f},
         {"llama2-7b", 4096, 32, 32, 32, 11008, 32000, 4096, 10000.0f},
         {"llama3-8b", 4096, 32, 32, 8, 14336, 32000, 4096, 500000.0f},
+        {"llama3.1-8b", 4096, 32, 32, 8, 14336, 32000, 131072, 500000.0f, 8.0f},
     };
     return shapes;
 }
@@ -143,11 +144,33 @@ void parallel_for(int64_t n, int32_t n_threads, int64_t min_per_thread, Fn&& fn)
 
 // ---- the model's tensors ----
 
+// Llama 3.1's per-dimension RoPE frequency divisors (its published rope_scaling: low / high
+// frequency factors 1 / 4 over an original context of 8192): 1 for short wavelengths, the
+// factor for long ones, a smooth blend between.
+std::vector<float> llama31_rope_freqs(const SyntheticShape& s, int64_t n_rot) {
+    const double low_ff = 1.0, high_ff = 4.0, orig = 8192.0, scale = s.llama31_rope_factor;
+    std::vector<float> ff(static_cast<size_t>(n_rot / 2));
+    for (int64_t i = 0; i < n_rot / 2; ++i) {
+        const double freq = std::pow(double(s.rope_freq_base), -2.0 * double(i) / double(n_rot));
+        const double wavelen = 2.0 * 3.14159265358979323846 / freq;
+        double f = 1.0;
+        if (wavelen > orig / low_ff) {
+            f = scale;
+        } else if (wavelen >= orig / high_ff) {
+            const double smooth = (orig / wavelen - low_ff) / (high_ff - low_ff);
+            f = 1.0 / ((1.0 - smooth) / scale + smooth);
+        }
+        ff[static_cast<size_t>(i)] = static_cast<float>(f);
+    }
+    return ff;
+}
+
 struct TensorPlan {
     std::string name;
     GgmlType type;
     std::vector<int64_t> ne;  // ggml order
-    bool is_norm = false;     // a vector of ones
+    bool is_norm = false;     // a vector of ones, or `values` when given
+    std::vector<float> values = {};
     uint64_t n_bytes = 0;
     uint64_t offset = 0;      // into the data section
 };
@@ -315,6 +338,10 @@ ModelPlan make_plan(const SyntheticSpec& spec, const GgufFile* vocab) {
         matrix(b + "ffn_down.weight", s.n_ff, s.n_embd, use_more_bits(i, s.n_layer));
     }
     norm("output_norm.weight", s.n_embd);
+    if (s.llama31_rope_factor > 0.0f) {
+        norm("rope_freqs.weight", head_dim / 2);
+        p.tensors.back().values = llama31_rope_freqs(s, head_dim);
+    }
     matrix("output.weight", s.n_embd, s.n_vocab, true);
 
     uint64_t off = 0;
@@ -403,8 +430,10 @@ int32_t thread_count(const SyntheticSpec& spec) {
 // Writes tensor t's bytes (exactly t.n_bytes) to dst, rows spread over the threads.
 void fill_tensor(const SyntheticSpec& spec, const TensorPlan& t, uint8_t* dst, int32_t n_threads) {
     if (t.is_norm) {
-        const float one = 1.0f;
-        for (int64_t i = 0; i < t.ne[0]; ++i) std::memcpy(dst + i * sizeof(float), &one, sizeof(float));
+        for (int64_t i = 0; i < t.ne[0]; ++i) {
+            const float v = t.values.empty() ? 1.0f : t.values[static_cast<size_t>(i)];
+            std::memcpy(dst + i * sizeof(float), &v, sizeof(float));
+        }
         return;
     }
     const int64_t n_in = t.ne[0], n_out = t.ne[1];

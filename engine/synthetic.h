@@ -33,9 +33,12 @@ struct SyntheticShape {
     int64_t n_vocab = 0;
     int64_t n_ctx = 0;
     float rope_freq_base = 10000.0f;
+    // Llama 3.1's long-context RoPE: rope_freqs.weight from (factor, low / high frequency
+    // factors, original context); 0 = none.
+    float llama31_rope_factor = 0.0f;
 };
 
-// tiny, tinyllama-1.1b, llama2-7b, llama3-8b.
+// tiny, tinyllama-1.1b, llama2-7b, llama3-8b, llama3.1-8b (131,072-token context).
 const std::vector<SyntheticShape>& synthetic_shapes();
 // The shape of that name; Error listing the known ones otherwise.
 const SyntheticShape& synthetic_shape(std::string_view name);

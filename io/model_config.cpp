@@ -73,6 +73,21 @@ ModelConfig ModelConfig::from_gguf(const GgufFile& f) {
         throw_error("{}: rope scaling factor {} is out of range", f.path(), c.rope_scaling_factor);
     if (c.rope_scaling_factor == 1.0f && c.rope_scaling == ROPE_SCALING_LINEAR) c.rope_scaling = ROPE_SCALING_NONE;
     c.rope_orig_ctx = f.get_int_opt(a + "rope.scaling.original_context_length").value_or(0);
+    if (c.rope_orig_ctx < 0 || c.rope_orig_ctx > (int64_t(1) << 32))
+        throw_error("{}: rope.scaling.original_context_length {} is out of range", f.path(), c.rope_orig_ctx);
+    auto yarn_param = [&](const std::string& key, float def, float lo, float hi) {
+        auto v = f.get_float_opt(a + key);
+        if (!v) return def;
+        if (!(std::isfinite(*v) && *v >= lo && *v <= hi))
+            throw_error("{}: {} {} is out of range [{}, {}]", f.path(), key, *v, lo, hi);
+        return static_cast<float>(*v);
+    };
+    c.rope_yarn_ext_factor = yarn_param("rope.scaling.yarn_ext_factor", c.rope_scaling == ROPE_SCALING_YARN ? 1.0f : 0.0f,
+                                        0.0f, 1.0f);
+    c.rope_yarn_attn_factor = yarn_param("rope.scaling.attn_factor", 1.0f, 1e-3f, 1e3f);
+    c.rope_yarn_attn_factor = yarn_param("rope.scaling.yarn_attn_factor", c.rope_yarn_attn_factor, 1e-3f, 1e3f);
+    c.rope_yarn_beta_fast = yarn_param("rope.scaling.yarn_beta_fast", 32.0f, 1e-3f, 1e6f);
+    c.rope_yarn_beta_slow = yarn_param("rope.scaling.yarn_beta_slow", 1.0f, 1e-3f, 1e6f);
 
     // Vocab size: the key if present, else the token list, else the embedding's second dim.
     const GgufTensorInfo* embd = f.find_tensor("token_embd.weight");

@@ -36,6 +36,12 @@ struct ModelConfig {
     RopeScaling rope_scaling = ROPE_SCALING_NONE;
     float rope_scaling_factor = 1.0f;
     int64_t rope_orig_ctx = 0;  // rope.scaling.original_context_length, 0 when absent
+    // YaRN (engine/rope_table.h): rope.scaling.yarn_ext_factor (1 for yarn when absent, else 0),
+    // .yarn_attn_factor (or .attn_factor), .yarn_beta_fast, .yarn_beta_slow.
+    float rope_yarn_ext_factor = 0.0f;
+    float rope_yarn_attn_factor = 1.0f;
+    float rope_yarn_beta_fast = 32.0f;
+    float rope_yarn_beta_slow = 1.0f;
     int64_t n_vocab = 0;
     bool tied_embeddings = false;  // no output.weight: the LM head reuses token_embd.weight
     bool qkv_bias = false;         // qwen2's attn_{q,k,v}.bias

@@ -50,7 +50,7 @@ __global__ void rope_kv_kernel(RopeParams p, float* __restrict__ q, float* __res
         const float theta = __fmul_rn(pos, p.inv_freq[i]);
         float sn, cs;
         sincosf(theta, &sn, &cs);
-        rotate(base, i, half, p.neox, cs, sn);
+        rotate(base, i, half, p.neox, __fmul_rn(cs, p.mscale), __fmul_rn(sn, p.mscale));
     }
     if (is_q) return;
     __syncthreads();

@@ -12,6 +12,7 @@ struct RopeParams {
     bool neox;              // NEOX rotates (i, i + n_rot/2), NORM rotates (2i, 2i+1)
     const float* inv_freq;  // [n_rot / 2]: theta_i = pos * inv_freq[i]
     int32_t row_stride = 0;  // floats between token rows of q, k and v (one fused QKV output); 0: packed
+    float mscale = 1.0f;     // cos and sin are multiplied by it (YaRN's magnitude correction)
 };
 
 // For each token t: q[t] += bq, k[t] += bk, v[t] += bv (when the biases are given); rotate q[t]

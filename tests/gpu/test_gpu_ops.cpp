@@ -23,6 +23,7 @@
 #include <cuda_fp16.h>
 
 #include "engine/quant.h"
+#include "engine/rope_table.h"
 #include "kernels/attention.h"
 #include "kernels/cuda_check.h"
 #include "kernels/elementwise.h"
@@ -306,6 +307,70 @@ std::vector<Case> make_cases(int n_threads) {
                              launch();
                              return Result{nmse(dg->get(), want), double(12 * n), 0};
                          }});
+    }
+
+    // ---- rope with YaRN scaling (engine/rope_table.h), positions up to 131,071 ----
+    // q and the K written to the cache against the CPU backend's rotation: theta = pos * inv_freq
+    // in F32, cos and sin times mscale.
+    for (bool neox : {false, true}) {
+        cases.push_back({fmt::format("rope_yarn {} hd=128 factor=4 pos<131072", neox ? "neox" : "norm"), 1e-7,
+                         [=](std::function<void()>& launch) {
+            ModelConfig c;
+            c.n_rot = c.head_dim = 128;
+            c.n_ctx_train = 131072;
+            c.rope_freq_base = 1000000.0f;
+            c.rope_scaling = ROPE_SCALING_YARN;
+            c.rope_scaling_factor = 4.0f;
+            c.rope_orig_ctx = 32768;
+            c.rope_yarn_ext_factor = 1.0f;
+            const RopeTable rt = make_rope_table(c, {});
+            const int n_head = 8, n_kv = 2, hd = 128, n_tok = 64;
+            std::vector<int32_t> pos(n_tok), slot(n_tok);
+            for (int t = 0; t < n_tok; ++t) {
+                pos[size_t(t)] = t == 0 ? 131071 : int32_t(rng() % 131072u);
+                slot[size_t(t)] = t;
+            }
+            auto q = randn(size_t(n_tok * n_head * hd)), k = randn(size_t(n_tok * n_kv * hd)), v = randn(size_t(n_tok * n_kv * hd));
+            std::vector<float> want_q = q, want_k = k;
+            auto rope = [&](float* x, int nh, int p) {
+                for (int h = 0; h < nh; ++h)
+                    for (int i = 0; i < hd / 2; ++i) {
+                        const float th = float(p) * rt.inv_freq[size_t(i)];
+                        const float cs = std::cos(th) * rt.mscale, sn = std::sin(th) * rt.mscale;
+                        float* hv = x + h * hd;
+                        const int ia = neox ? i : 2 * i, ib = neox ? i + hd / 2 : 2 * i + 1;
+                        const float x0 = hv[ia], x1 = hv[ib];
+                        hv[ia] = x0 * cs - x1 * sn;
+                        hv[ib] = x0 * sn + x1 * cs;
+                    }
+            };
+            for (int t = 0; t < n_tok; ++t) {
+                rope(&want_q[size_t(t * n_head * hd)], n_head, pos[size_t(t)]);
+                rope(&want_k[size_t(t * n_kv * hd)], n_kv, pos[size_t(t)]);
+            }
+            auto dq = std::make_shared<Dev<float>>(q);
+            auto dk = std::make_shared<Dev<float>>(k);
+            auto dv = std::make_shared<Dev<float>>(v);
+            auto dkc = std::make_shared<Dev<float>>(k.size());
+            auto dvc = std::make_shared<Dev<float>>(v.size());
+            auto dpos = std::make_shared<Dev<int32_t>>(pos);
+            auto dslot = std::make_shared<Dev<int32_t>>(slot);
+            auto dinv = std::make_shared<Dev<float>>(rt.inv_freq);
+            dkc->poison();
+            const kn::RopeParams rp{n_head, n_kv, hd, hd, neox, dinv->p, 0, rt.mscale};
+            kn::rope_kv_write(rp, dq->p, dk->p, dv->p, nullptr, nullptr, nullptr, dpos->p, dslot->p, n_tok, dkc->p,
+                              dvc->p, false, nullptr);
+            CUDA_CHECK(cudaDeviceSynchronize());
+            std::vector<float> got = dq->get(), want = want_q;
+            const std::vector<float> kc = dkc->get();
+            got.insert(got.end(), kc.begin(), kc.end());
+            want.insert(want.end(), want_k.begin(), want_k.end());
+            launch = [=] {  // timing only: rotates q and k again
+                kn::rope_kv_write(rp, dq->p, dk->p, dv->p, nullptr, nullptr, nullptr, dpos->p, dslot->p, n_tok, dkc->p,
+                                  dvc->p, false, nullptr);
+            };
+            return Result{nmse(got, want), double(4 * (q.size() + 2 * k.size())), 0};
+        }});
     }
 
     // ---- rope + KV write, and paged attention over the written cache ----

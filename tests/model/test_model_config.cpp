@@ -1,6 +1,8 @@
 // Model hyper-parameters from GGUF metadata: the shared models and hand-written files.
 #include <doctest/doctest.h>
 
+#include <cmath>
+
 #include "io/gguf.h"
 #include "io/model_config.h"
 #include "test_models.h"
@@ -95,6 +97,21 @@ TEST_CASE("rope scaling type and factor") {
     auto yc = parse(y);
     CHECK(yc.rope_scaling == ROPE_SCALING_YARN);
     CHECK(yc.rope_orig_ctx == 8192);
+    // YaRN's defaults (llama.cpp's): full extrapolation mix, attention factor 1, betas 32 / 1.
+    CHECK(yc.rope_yarn_ext_factor == 1.0f);
+    CHECK(yc.rope_yarn_attn_factor == 1.0f);
+    CHECK(yc.rope_yarn_beta_fast == 32.0f);
+    CHECK(yc.rope_yarn_beta_slow == 1.0f);
+    CHECK(c.rope_yarn_ext_factor == 0.0f);  // linear: no mix
+    y.set("llama.rope.scaling.yarn_beta_fast", 16.0f);
+    y.set("llama.rope.scaling.attn_factor", 0.5f);
+    auto yc2 = parse(y);
+    CHECK(yc2.rope_yarn_beta_fast == 16.0f);
+    CHECK(yc2.rope_yarn_attn_factor == 0.5f);
+    y.set("llama.rope.scaling.yarn_ext_factor", 2.0f);
+    CHECK(error_of(y).find("yarn_ext_factor") != std::string::npos);
+    y.set("llama.rope.scaling.yarn_ext_factor", std::nanf(""));
+    CHECK(error_of(y).find("yarn_ext_factor") != std::string::npos);
     auto bad = base("llama");
     bad.set("llama.rope.scaling.type", std::string("wobbly"));
     CHECK(error_of(bad).find("wobbly") != std::string::npos);
