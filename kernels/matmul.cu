@@ -211,21 +211,7 @@ gemv_dense_kernel(const uint8_t* __restrict__ w, size_t row_bytes, int64_t n_in,
 
 // Bytes of 32 consecutive chunks (one segment) of a block-format row.
 template <int T>
-constexpr int segment_bytes() {
-    switch (T) {
-        case WT_Q4_0: return 18 * 32;
-        case WT_Q4_1: return 20 * 32;
-        case WT_Q5_0: return 22 * 32;
-        case WT_Q5_1: return 24 * 32;
-        case WT_Q8_0: return 34 * 32;
-        case WT_Q2_K: return 84 * 4;
-        case WT_Q3_K: return 110 * 4;
-        case WT_Q4_K: return 144 * 4;
-        case WT_Q5_K: return 176 * 4;
-        case WT_Q6_K: return 210 * 4;
-        default: return 0;
-    }
-}
+constexpr int segment_bytes() { return 4 * bytes_per_256<T>(); }
 
 // Chunk `lane` of a segment held in shared memory. Q4_0, Q8_0 and Q4_K read it with 2- and
 // 16-byte loads; the others go through dq32's byte loads. Same arithmetic as dq32, bit for bit.

@@ -43,21 +43,7 @@ constexpr int k_x_pitch = 288;  // halves per staged activation row: 256 + 32, s
 
 // Bytes of one K tile of a row (8 chunks of 32 elements).
 template <int T>
-constexpr int tile_bytes() {
-    switch (T) {
-        case WT_Q4_0: return 18 * 8;
-        case WT_Q4_1: return 20 * 8;
-        case WT_Q5_0: return 22 * 8;
-        case WT_Q5_1: return 24 * 8;
-        case WT_Q8_0: return 34 * 8;
-        case WT_Q2_K: return 84;
-        case WT_Q3_K: return 110;
-        case WT_Q4_K: return 144;
-        case WT_Q5_K: return 176;
-        case WT_Q6_K: return 210;
-        default: return 0;
-    }
-}
+constexpr int tile_bytes() { return bytes_per_256<T>(); }
 // Shared bytes per row and stage: the tile rounded out to 16-byte copies (a tile may start
 // mid-vector when tile_bytes is not a multiple of 16).
 template <int T>

@@ -187,7 +187,26 @@ __device__ __forceinline__ void dq32(const uint8_t* __restrict__ row, int64_t c,
     }
 }
 
-// Bytes of one 32-element chunk's storage unit and elements per unit, for row-size arithmetic.
+// Bytes of 256 consecutive elements (8 chunks; one K-quant super-block) of a block-format row;
+// 0 for the dense types.
+template <int T>
+constexpr int bytes_per_256() {
+    switch (T) {
+        case WT_Q4_0: return 18 * 8;
+        case WT_Q4_1: return 20 * 8;
+        case WT_Q5_0: return 22 * 8;
+        case WT_Q5_1: return 24 * 8;
+        case WT_Q8_0: return 34 * 8;
+        case WT_Q2_K: return 84;
+        case WT_Q3_K: return 110;
+        case WT_Q4_K: return 144;
+        case WT_Q5_K: return 176;
+        case WT_Q6_K: return 210;
+        default: return 0;
+    }
+}
+
+// Whether the CUDA kernels handle ggml type id t.
 __host__ __device__ constexpr bool weight_type_supported(int t) {
     return t == WT_F32 || t == WT_F16 || t == WT_BF16 || t == WT_Q4_0 || t == WT_Q4_1 || t == WT_Q5_0 ||
            t == WT_Q5_1 || t == WT_Q8_0 || t == WT_Q2_K || t == WT_Q3_K || t == WT_Q4_K || t == WT_Q5_K ||
