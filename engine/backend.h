@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "batch.h"
+#include "kv_codec.h"
 #include "model.h"
 #include "sampler.h"
 
@@ -23,6 +24,8 @@ struct BackendOptions {
     // the batch, so a request gives the same bits alone or in any batch. Off by default: batches
     // of 2 rows and more then go through tensor cores (F16 operands), several times faster.
     bool batch_invariant = false;
+    // KV cache storage (kv_codec.h). auto: f32 on the cpu, f16 on cuda; cuda takes f16 and f32.
+    KvType kv_type = KV_TYPE_AUTO;
 };
 
 // One logit row's sampling inputs for on-device sampling (the whole engine/sampler.h chain).

@@ -1,11 +1,12 @@
 // The CPU reference backend: F32 activations, weights read in their file format row by row,
-// K/V in F32 host memory shaped by the block tables. Every row is computed the same way
+// K/V in host memory shaped by the block tables, F32 by default or any kv_codec.h type. Every row is computed the same way
 // whatever else is in the batch, so results are batch-invariant bit for bit.
 #include <algorithm>
 #include <cmath>
 #include <limits>
 
 #include "backend.h"
+#include "kv_codec.h"
 #include "quant.h"
 #include "rope_table.h"
 
@@ -46,15 +47,17 @@ class CpuBackend final : public Backend {
 public:
     CpuBackend(std::shared_ptr<const Model> model, const BackendOptions& opt)
         : model_(std::move(model)), c_(model_->config()), opt_(opt) {
+        kv_type_ = opt_.kv_type == KV_TYPE_AUTO ? KV_TYPE_F32 : opt_.kv_type;
+        kv_row_ = kv_row_bytes(kv_type_, c_.n_embd_kv(), c_.head_dim);
         if (opt_.n_blocks <= 0) {
             // Enough for the training context of a few sequences, capped at ~1 GiB of K/V.
-            int64_t per_block = 2 * c_.n_layer * opt_.block_size * c_.n_embd_kv() * int64_t(sizeof(float));
+            int64_t per_block = 2 * c_.n_layer * opt_.block_size * int64_t(kv_row_);
             int64_t want = (std::min<int64_t>(c_.n_ctx_train, 8192) * 4 + opt_.block_size - 1) / opt_.block_size;
             opt_.n_blocks = static_cast<int32_t>(std::max<int64_t>(1, std::min(want, (int64_t(1) << 30) / per_block)));
         }
         const size_t slots = static_cast<size_t>(opt_.n_blocks) * opt_.block_size;
-        k_.assign(static_cast<size_t>(c_.n_layer), std::vector<float>(slots * c_.n_embd_kv()));
-        v_.assign(static_cast<size_t>(c_.n_layer), std::vector<float>(slots * c_.n_embd_kv()));
+        k_.assign(static_cast<size_t>(c_.n_layer), std::vector<uint8_t>(slots * kv_row_));
+        v_.assign(static_cast<size_t>(c_.n_layer), std::vector<uint8_t>(slots * kv_row_));
         rope_ = make_rope_table(c_, model_->weights().rope_freqs);
     }
 
@@ -73,10 +76,13 @@ private:
     std::shared_ptr<const Model> model_;
     const ModelConfig& c_;
     BackendOptions opt_;
-    std::vector<std::vector<float>> k_, v_;  // [n_layer][n_blocks * block_size, n_embd_kv]
+    KvType kv_type_ = KV_TYPE_F32;
+    size_t kv_row_ = 0;                        // bytes of one slot's K (or V) row
+    std::vector<std::vector<uint8_t>> k_, v_;  // [n_layer][n_blocks * block_size][kv_row_]
     RopeTable rope_;                         // inv_freq [n_rot / 2], mscale
     // Scratch, reused across steps.
     std::vector<float> x_, h_, q_, k_new_, v_new_, attn_, ff_g_, ff_u_, tmp_, scores_;
+    std::vector<float> k_rows_, v_rows_;  // [n_ctx, n_embd_kv]: one token's context, decoded
 };
 
 void CpuBackend::rope(float* x, int64_t n_heads, int32_t pos) const {
@@ -133,8 +139,8 @@ void CpuBackend::forward(const Batch& b, std::span<float> logits) {
         matmul_w(L.wq, h_.data(), n, q_.data());
         matmul_w(L.wk, h_.data(), n, k_new_.data());
         matmul_w(L.wv, h_.data(), n, v_new_.data());
-        float* kc = k_[static_cast<size_t>(l)].data();
-        float* vc = v_[static_cast<size_t>(l)].data();
+        uint8_t* kc = k_[static_cast<size_t>(l)].data();
+        uint8_t* vc = v_[static_cast<size_t>(l)].data();
         for (int64_t t = 0; t < n; ++t) {
             if (!L.bq.empty()) {
                 for (int64_t i = 0; i < n_q; ++i) q_[t * n_q + i] += L.bq[i];
@@ -144,19 +150,37 @@ void CpuBackend::forward(const Batch& b, std::span<float> logits) {
             rope(&q_[t * n_q], c_.n_head, b.positions[t]);
             rope(&k_new_[t * n_kv], c_.n_head_kv, b.positions[t]);
             const int64_t s = slot(t, b.positions[t]);
-            std::copy_n(&k_new_[t * n_kv], n_kv, kc + s * n_kv);
-            std::copy_n(&v_new_[t * n_kv], n_kv, vc + s * n_kv);
+            kv_row_encode(kv_type_, &k_new_[t * n_kv], n_kv, hd, kc + s * int64_t(kv_row_));
+            kv_row_encode(kv_type_, &v_new_[t * n_kv], n_kv, hd, vc + s * int64_t(kv_row_));
         }
         // Attention: each token over positions 0..pos of its own sequence.
         for (int64_t t = 0; t < n; ++t) {
             const int64_t n_ctx = b.positions[t] + 1;
             scores_.resize(static_cast<size_t>(n_ctx));
+            // K/V rows of positions 0..n_ctx-1: read in place when F32, else decoded once for
+            // all heads of this token.
+            const bool in_place = kv_type_ == KV_TYPE_F32;
+            if (!in_place) {
+                k_rows_.resize(static_cast<size_t>(n_ctx * n_kv));
+                v_rows_.resize(static_cast<size_t>(n_ctx * n_kv));
+                for (int64_t p = 0; p < n_ctx; ++p) {
+                    const int64_t s = slot(t, p) * int64_t(kv_row_);
+                    kv_row_decode(kv_type_, kc + s, n_kv, hd, &k_rows_[size_t(p * n_kv)]);
+                    kv_row_decode(kv_type_, vc + s, n_kv, hd, &v_rows_[size_t(p * n_kv)]);
+                }
+            }
+            auto k_row = [&](int64_t p) {
+                return in_place ? reinterpret_cast<const float*>(kc) + slot(t, p) * n_kv : &k_rows_[size_t(p * n_kv)];
+            };
+            auto v_row = [&](int64_t p) {
+                return in_place ? reinterpret_cast<const float*>(vc) + slot(t, p) * n_kv : &v_rows_[size_t(p * n_kv)];
+            };
             for (int64_t h = 0; h < c_.n_head; ++h) {
                 const float* qh = &q_[t * n_q + h * hd];
                 const int64_t kvh = h / gqa;
                 float mx = -std::numeric_limits<float>::infinity();
                 for (int64_t p = 0; p < n_ctx; ++p) {
-                    const float* kp = kc + slot(t, p) * n_kv + kvh * hd;
+                    const float* kp = k_row(p) + kvh * hd;
                     float dot = 0;
                     for (int64_t i = 0; i < hd; ++i) dot += qh[i] * kp[i];
                     scores_[p] = dot * kq_scale;
@@ -171,7 +195,7 @@ void CpuBackend::forward(const Batch& b, std::span<float> logits) {
                 float* out = &attn_[t * n_q + h * hd];
                 std::fill_n(out, hd, 0.0f);
                 for (int64_t p = 0; p < n_ctx; ++p) {
-                    const float* vp = vc + slot(t, p) * n_kv + kvh * hd;
+                    const float* vp = v_row(p) + kvh * hd;
                     const float pw = scores_[p] * inv;
                     for (int64_t i = 0; i < hd; ++i) out[i] += pw * vp[i];
                 }

@@ -293,7 +293,15 @@ CudaBackend::CudaBackend(std::shared_ptr<const Model> model, const BackendOption
         (void)cudaGetLastError();
         throw_error("cuda: no CUDA device is available (use --device cpu)");
     }
-    if (const char* kv = std::getenv("COINFER_KV_TYPE")) kv_f16_ = std::string(kv) != "f32";
+    if (opt_.kv_type == KV_TYPE_AUTO) {
+        if (const char* kv = std::getenv("COINFER_KV_TYPE")) kv_f16_ = std::string(kv) != "f32";
+    } else if (opt_.kv_type == KV_TYPE_F16 || opt_.kv_type == KV_TYPE_F32) {
+        kv_f16_ = opt_.kv_type == KV_TYPE_F16;
+    } else {
+        throw_error("cuda: KV cache type {} is not supported on the GPU yet (it takes f16 and f32; --device cpu "
+                    "takes every type)",
+                    kv_type_name(opt_.kv_type));
+    }
     CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     CUBLAS_CHECK(cublasCreate(&cublas_));
     CUBLAS_CHECK(cublasSetMathMode(cublas_, CUBLAS_DEFAULT_MATH));  // FP32 accumulate, no TF32

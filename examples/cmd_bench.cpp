@@ -40,6 +40,7 @@ struct Options {
     int32_t n_threads = 1;
     int32_t kv_blocks = 0;
     bool batch_invariant = false;
+    KvType kv_type = KV_TYPE_AUTO;
     int32_t max_batch_tokens = 2048;
     int32_t max_seqs = 256;
     int32_t max_prompt_mixed = 512;
@@ -59,7 +60,10 @@ struct ModelCost {
     double embd_bytes = 0;
 };
 
-ModelCost model_cost(const Model& m, bool kv_f16) {
+KvType effective_kv_type(KvType t, bool cuda) { return t != KV_TYPE_AUTO ? t : cuda ? KV_TYPE_F16 : KV_TYPE_F32; }
+
+// kv_type: what the backend stores (KV_TYPE_AUTO resolved by the caller).
+ModelCost model_cost(const Model& m, KvType kv_type) {
     ModelCost c;
     const ModelWeights& w = m.weights();
     auto add = [&](const WeightView& v) {
@@ -71,7 +75,8 @@ ModelCost model_cost(const Model& m, bool kv_f16) {
     add(w.output);
     c.embd_bytes = static_cast<double>(w.token_embd.row_bytes) * static_cast<double>(w.token_embd.n_out);
     const ModelConfig& cfg = m.config();
-    c.kv_bytes_per_pos = 2.0 * static_cast<double>(cfg.n_layer * cfg.n_embd_kv()) * (kv_f16 ? 2 : 4);
+    c.kv_bytes_per_pos = 2.0 * static_cast<double>(cfg.n_layer) *
+                         static_cast<double>(kv_row_bytes(kv_type, cfg.n_embd_kv(), cfg.head_dim));
     return c;
 }
 
@@ -261,8 +266,7 @@ json run_serve(const ServeOptions& so, const Options& o, std::shared_ptr<const M
     std::vector<Request> reqs(static_cast<size_t>(n_requests));
     PromptMaker prompts(*model, o.seed);
     double kv_read_bytes = 0;  // decode attention reads: context length at each generated token
-    const bool kv_f16 = o.device != "cpu";
-    const ModelCost cost = model_cost(*model, kv_f16);
+    const ModelCost cost = model_cost(*model, effective_kv_type(o.kv_type, o.device != "cpu"));
     for (int64_t i = 0; i < n_requests; ++i) {
         const int32_t p = std::uniform_int_distribution<int32_t>(pr.first, pr.second)(rng);
         const int32_t g = std::uniform_int_distribution<int32_t>(gr.first, gr.second)(rng);
@@ -286,6 +290,7 @@ json run_serve(const ServeOptions& so, const Options& o, std::shared_ptr<const M
     eo.device = o.device;
     eo.backend.n_blocks = o.kv_blocks;
     eo.backend.batch_invariant = o.batch_invariant;
+    eo.backend.kv_type = o.kv_type;
     // The CPU backend's own default pool is small; size it so the concurrency fits (no preemption
     // unless asked for with --kv-blocks). A GPU backend sizes its pool from free memory.
     const bool on_cpu = o.device == "cpu" || (o.device == "auto" && !cuda_device_available());
@@ -480,11 +485,12 @@ json run_batched(const BatchedOptions& bopt, const Options& o, std::shared_ptr<c
     const int32_t blocks_per_seq = static_cast<int32_t>((pp + tg + bo.block_size - 1) / bo.block_size);
     bo.n_blocks = o.kv_blocks > 0 ? o.kv_blocks : max_b * blocks_per_seq + 1;  // +1: the warm-up
     bo.batch_invariant = o.batch_invariant;
+    bo.kv_type = o.kv_type;
     auto backend = open_backend(o, model, bo);
     const std::string backend_name = backend->name();
     KvBlockPool pool(backend->n_blocks(), backend->block_size());
     const int64_t n_vocab = model->config().n_vocab;
-    const ModelCost cost = model_cost(*model, is_cuda(backend_name));
+    const ModelCost cost = model_cost(*model, effective_kv_type(o.kv_type, is_cuda(backend_name)));
     fmt::print(o.out, "backend: {}, {} KV blocks of {} tokens, max {} tokens per forward\n", backend_name, pool.n_blocks(),
                pool.block_size(), o.max_batch_tokens);
     PromptMaker prompts(*model, o.seed);
@@ -634,6 +640,8 @@ int cmd_bench(Args& args) {
             "  -t, --threads N            CPU threads (default 1)\n"
             "  --kv-blocks N              KV pool blocks (default: just enough on cpu; from free memory on cuda)\n"
             "  --batch-invariant          cuda: GEMV kernels only, same bits in any batch (slower)\n"
+            "  --kv-type T                KV cache: auto (f32 on cpu, f16 on cuda), f32, f16, q8_0, fp8\n"
+            "                             (q8_0 and fp8 on the cpu backend only for now)\n"
             "  --max-batch-tokens N       tokens per forward pass (default 2048)\n"
             "  --max-seqs N               sequences per step, serve (default 256)\n"
             "  --max-prompt-mixed N       prompt tokens in a step that also decodes, serve (default 512, 0: no cap)\n"
@@ -679,6 +687,7 @@ int cmd_bench(Args& args) {
     o.n_threads = static_cast<int32_t>(threads);
     o.kv_blocks = static_cast<int32_t>(kv_blocks);
     o.batch_invariant = args.flag("--batch-invariant");
+    o.kv_type = kv_type_option(args);
     o.max_batch_tokens = static_cast<int32_t>(mbt);
     o.max_seqs = static_cast<int32_t>(max_seqs);
     o.max_prompt_mixed = static_cast<int32_t>(max_prompt_mixed);
@@ -703,7 +712,7 @@ int cmd_bench(Args& args) {
     const Clock::time_point t_load = Clock::now();
     auto model = Model::load(o.model_path);
     const double load_s = seconds_since(t_load);
-    const ModelCost cost = model_cost(*model, o.device != "cpu");
+    const ModelCost cost = model_cost(*model, effective_kv_type(o.kv_type, o.device != "cpu"));
     print_model(o.out, *model, o.model_path, cost);
     fmt::print(o.out, "loaded in {:.2f} s\n", load_s);
 

@@ -32,6 +32,7 @@ BackendChoice open_backend(Args& args, std::shared_ptr<const Model> model, int32
     BackendOptions opt;
     opt.n_threads = static_cast<int32_t>(threads);
     opt.n_blocks = (n_ctx_needed + opt.block_size - 1) / opt.block_size + 1;
+    opt.kv_type = kv_type_option(args);
     b.backend = device == "cuda" ? make_cuda_backend(b.model, opt) : make_cpu_backend(b.model, opt);
     b.pool = std::make_unique<KvBlockPool>(b.backend->n_blocks(), b.backend->block_size());
     return b;
@@ -76,7 +77,9 @@ int cmd_generate(Args& args) {
             "  --json                   print one JSON object instead of streaming text\n"
             "  -c, --ctx-size N         context length (default: the model's)\n"
             "  --device cpu|cuda        backend (default cuda when a GPU is present, else cpu)\n"
-            "  -t, --threads N          CPU threads (default 1)\n");
+            "  -t, --threads N          CPU threads (default 1)\n"
+            "  --kv-type T              KV cache: auto (f32 on cpu, f16 on cuda), f32, f16, q8_0, fp8\n"
+            "                           (q8_0 and fp8 on the cpu backend only for now)\n");
         return 0;
     }
     auto model_path = args.value("--model", "-m");
@@ -173,7 +176,9 @@ int cmd_perplexity(Args& args) {
             "with BOS, the second half of each chunk scored. The last line is PPL = value +/- stderr.\n"
             "  -c, --ctx-size CTX       chunk length (default 512)\n"
             "  --device cpu|cuda        backend (default cuda when a GPU is present, else cpu)\n"
-            "  -t, --threads N          CPU threads (default 1)\n");
+            "  -t, --threads N          CPU threads (default 1)\n"
+            "  --kv-type T              KV cache: auto (f32 on cpu, f16 on cuda), f32, f16, q8_0, fp8\n"
+            "                           (q8_0 and fp8 on the cpu backend only for now)\n");
         return 0;
     }
     auto model_path = args.value("--model", "-m");

@@ -43,7 +43,9 @@ int cmd_serve(Args& args) {
             "  --max-seqs N             sequences per engine step (default 256)\n"
             "  --max-prompt-mixed N     prompt tokens in a step that also decodes (default 512, 0: no cap)\n"
             "  --kv-blocks N            KV cache blocks (default: the backend's choice)\n"
-            "  --batch-invariant        cuda: same bits alone or in any batch (slower big batches)\n");
+            "  --batch-invariant        cuda: same bits alone or in any batch (slower big batches)\n"
+            "  --kv-type T              KV cache: auto (f32 on cpu, f16 on cuda), f32, f16, q8_0, fp8\n"
+            "                           (q8_0 and fp8 on the cpu backend only for now)\n");
         return 0;
     }
     auto model_path = args.value("--model", "-m");
@@ -72,6 +74,7 @@ int cmd_serve(Args& args) {
     eopt.backend.n_threads = static_cast<int32_t>(int_in(args, "--threads", 1, 1, 256, "-t"));
     eopt.backend.n_blocks = static_cast<int32_t>(int_in(args, "--kv-blocks", 0, 0, 1 << 24));
     eopt.backend.batch_invariant = args.flag("--batch-invariant");
+    eopt.backend.kv_type = kv_type_option(args);
     eopt.planner.max_batch_tokens = static_cast<int32_t>(int_in(args, "--max-batch-tokens", 2048, 1, 1 << 20));
     eopt.planner.max_seqs = static_cast<int32_t>(int_in(args, "--max-seqs", 256, 1, 1 << 16));
     eopt.planner.max_prompt_tokens_mixed = static_cast<int32_t>(int_in(args, "--max-prompt-mixed", 512, 0, 1 << 20));
