@@ -128,6 +128,7 @@ def main():
     expect_error("top-p 0", ["generate", "-m", STORIES, "-p", "hi", "--top-p", "0"], codes=(2,), fragment="top_p")
     expect_error("top-p 1.5", ["generate", "-m", STORIES, "-p", "hi", "--top-p", "1.5"], codes=(2,), fragment="top_p")
     expect_error("bad number", ["generate", "-m", STORIES, "-p", "hi", "-n", "ten"], codes=(2,), fragment="ten")
+    expect_error("bad --kv-type", ["generate", "-m", STORIES, "-p", "hi", "--kv-type", "q4"], codes=(2,), fragment="q4")
 
     if os.path.exists(TALE):
         r = run("perplexity", "-m", STORIES, "-f", TALE, "-c", "128")
@@ -138,6 +139,9 @@ def main():
         r = run("perplexity", "-m", STORIES, "-f", TALE, "-c", "64")
         ppl = float(r.stdout.strip().splitlines()[-1].split()[2])
         check("perplexity c=64 within 5e-4", abs(ppl - 5.1807) <= 5e-4, r.stdout[-100:])
+        r = run("perplexity", "-m", STORIES, "-f", TALE, "-c", "128", "--device", "cpu", "--kv-type", "q8_0")
+        ppl = float(r.stdout.strip().splitlines()[-1].split()[2])
+        check("perplexity c=128 with q8_0 KV within 1% of 4.4525", abs(ppl - 4.4525) / 4.4525 < 0.01, r.stdout[-100:])
     return finish()
 
 
