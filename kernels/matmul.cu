@@ -7,19 +7,21 @@
 //                      "segment") at a time. Segments come in as coalesced 16-byte cp.async
 //                      copies into a 4-deep shared-memory ring per warp; lane l then dequantizes
 //                      chunk l of the segment from shared memory.
-//   gemv_split_kernel  Q4_0, Q8_0, Q4_K (default; COINFER_GEMV=v2 sends them to gemv_quant_kernel):
-//                      4 lanes per 32-value block, weights read straight from global, block
-//                      scales applied once per lane and block; F32 activations, or with
-//                      COINFER_GEMV_Q8=1 int8 activation blocks and __dp4a (see its comment).
+//   gemv_split_kernel  Q4_0, Q8_0, Q4_K, Q5_K, Q6_K (default; COINFER_GEMV=v2 sends them to
+//                      gemv_quant_kernel): several lanes per block, weights read straight from
+//                      global, block scales applied once per lane and block; F32 activations, or
+//                      with COINFER_GEMV_Q8=1 (Q4_0, Q8_0, Q4_K) int8 activation blocks and
+//                      __dp4a (see its comment).
 //   gemv_kernel        the first version (one warp per row, byte loads): kept for rows that are
 //                      not 16-byte aligned, and as the baseline.
 //   In all three the sum of each (row, output) pair is formed in one fixed order whatever n_rows
 //   is, so a token's result does not depend on its batch.
 //   dequant_kernel     one thread per chunk, writing F32 rows (embedding gather, SGEMM tiles).
 //   dequant_f16_kernel the same into F16 (tensor-core tiles).
-//   matmul             GEMV below ctx.gemm_min_rows; from there to 192 rows, quantized weights go
-//                      through the fused tensor-core product of matmul_mma.cu; else F16/BF16
-//                      operands through cublasGemmEx with FP32 accumulate (F32 weights: SGEMM).
+//   matmul             GEMV below ctx.gemm_min_rows (2 in the backend); from there to 192 rows,
+//                      quantized weights go through the fused tensor-core product of
+//                      matmul_mma.cu; else F16/BF16 operands (quantized weights dequantized to F16
+//                      tiles) through cublasGemmEx with FP32 accumulate (F32 weights: SGEMM).
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
