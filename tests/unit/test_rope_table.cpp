@@ -3,6 +3,7 @@
 // frequency factors.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <numbers>
 #include <vector>
