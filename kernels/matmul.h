@@ -13,7 +13,7 @@ struct MatmulContext {
     cublasHandle_t cublas = nullptr;
     float* scratch = nullptr;       // F16 activations and split-K partials; the cuBLAS path's dequantized tile
     size_t scratch_floats = 0;
-    int64_t gemm_min_rows = 1 << 30;  // n_rows at or above this go through dequantize + cuBLAS SGEMM
+    int64_t gemm_min_rows = 1 << 30;  // n_rows at or above this use tensor cores (qmma or cuBLAS)
 };
 
 // Row stride of a weight matrix on the device: rows padded to 16 bytes, so that every kernel can

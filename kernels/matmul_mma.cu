@@ -1,4 +1,4 @@
-// Tensor-core products over quantized weights, dequantized in registers (9..192 activation rows).
+// Tensor-core products over quantized weights, dequantized in registers (up to 192 activation rows).
 //
 //   y[r][o] = sum_k W[o][k] x[r][k],  W: n_out rows in their ggml block format (never written out
 //   as F16), x: F16 activations [n_rows, n_in], F32 accumulation (mma.sync m16n8k16).

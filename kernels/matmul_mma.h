@@ -1,6 +1,7 @@
 #pragma once
 // Tensor-core products over block-quantized weights, dequantized in registers (matmul_mma.cu).
-// Internal to kernels/: matmul() routes 9..192-row products of quantized weights here.
+// Internal to kernels/: matmul() routes products of quantized weights from gemm_min_rows to
+// k_qmma_max_rows here.
 #include <cstddef>
 #include <cstdint>
 
