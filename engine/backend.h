@@ -24,8 +24,11 @@ struct BackendOptions {
     // the batch, so a request gives the same bits alone or in any batch. Off by default: batches
     // of 2 rows and more then go through tensor cores (F16 operands), several times faster.
     bool batch_invariant = false;
-    // KV cache storage (kv_codec.h). auto: f32 on the cpu, f16 on cuda; cuda takes f16 and f32.
+    // KV cache storage (kv_codec.h). auto: f32 on the cpu, f16 on cuda.
     KvType kv_type = KV_TYPE_AUTO;
+    // Tokens of the largest step the caller will run: cuda reserves their activations before
+    // sizing the KV pool (a larger step still runs, allocating then).
+    int32_t max_step_tokens = 2048;
 };
 
 // One logit row's sampling inputs for on-device sampling (the whole engine/sampler.h chain).

@@ -219,11 +219,13 @@ private:
     struct Bufs {
         float *x, *h, *q, *k, *v, *attn, *g, *u, *tmp, *lg, *part;
     };
-    // Prompt runs for the tiled prefill attention: tiles [n_tiles, 2], the other tokens listed
-    // in singles. n_tiles == 0: every token goes to the decode kernels.
+    // Attention items (kernels/attention.h): prompt runs in tiles [n_tiles, 2] of up to
+    // tile_tokens tokens, the other tokens as items of one in singles [n_singles, 2]. Neither
+    // given (graphs): every token is an item of its own.
     struct AttnSplit {
         const int32_t* tiles = nullptr;
         int64_t n_tiles = 0;
+        int32_t tile_tokens = 1;
         const int32_t* singles = nullptr;
         int64_t n_singles = 0;
     };
@@ -246,7 +248,11 @@ private:
     std::shared_ptr<const Model> model_;
     const ModelConfig& c_;
     BackendOptions opt_;
-    bool kv_f16_ = true;
+    int32_t kv_dev_ = kn::KV_DEV_F16;  // kernels/kv_layout.h
+    int64_t kv_row_bytes_ = 0;
+    float* attn_scratch_ = nullptr;     // split partials, reserved before the KV pool
+    double attn_bytes_ = 0;             // K/V bytes one layer's attention reads (profile only)
+    size_t attn_scratch_floats_ = 0;
     cudaStream_t stream_ = nullptr;
     cublasHandle_t cublas_ = nullptr;
     kn::MatmulContext mm_;
@@ -259,7 +265,7 @@ private:
     float rope_mscale_ = 1.0f;                 // YaRN's cos/sin factor
     std::vector<void*> k_cache_, v_cache_;     // [n_layer][n_blocks * block_size, n_embd_kv]
 
-    Scratch<float> x_, h_, q_, k_, v_, attn_, g_, u_, tmp_, logits_, attn_part_, mm_scratch_;
+    Scratch<float> x_, h_, q_, k_, v_, attn_, g_, u_, tmp_, logits_, mm_scratch_;
     Scratch<int32_t> ints_;
     Scratch<char> sample_io_, sample_ws_;
     std::vector<int32_t> h_ints_;  // host staging for ints_
@@ -293,14 +299,24 @@ CudaBackend::CudaBackend(std::shared_ptr<const Model> model, const BackendOption
         (void)cudaGetLastError();
         throw_error("cuda: no CUDA device is available (use --device cpu)");
     }
-    if (opt_.kv_type == KV_TYPE_AUTO) {
-        if (const char* kv = std::getenv("COINFER_KV_TYPE")) kv_f16_ = std::string(kv) != "f32";
-    } else if (opt_.kv_type == KV_TYPE_F16 || opt_.kv_type == KV_TYPE_F32) {
-        kv_f16_ = opt_.kv_type == KV_TYPE_F16;
-    } else {
-        throw_error("cuda: KV cache type {} is not supported on the GPU yet (it takes f16 and f32; --device cpu "
-                    "takes every type)",
-                    kv_type_name(opt_.kv_type));
+    {
+        KvType kt = opt_.kv_type;
+        if (kt == KV_TYPE_AUTO) {
+            const char* env = std::getenv("COINFER_KV_TYPE");
+            kt = env && *env ? kv_type_from_name(env) : KV_TYPE_F16;
+            if (kt == KV_TYPE_AUTO) kt = KV_TYPE_F16;
+        }
+        kv_dev_ = kt == KV_TYPE_F32    ? kn::KV_DEV_F32
+                  : kt == KV_TYPE_Q8_0 ? kn::KV_DEV_Q8_0
+                  : kt == KV_TYPE_FP8  ? kn::KV_DEV_FP8
+                                       : kn::KV_DEV_F16;
+        if (const char* why = kn::attention_unsupported(attn_params()))
+            throw_error("cuda: this model cannot use a {} KV cache: the attention kernels need {}", kv_type_name(kt),
+                        why);
+        if (kv_dev_ == kn::KV_DEV_Q8_0 && c_.n_embd_kv() % 32 != 0)
+            throw_error("cuda: a q8_0 KV cache needs rows of a multiple of 32 values; this model's are {}",
+                        c_.n_embd_kv());
+        kv_row_bytes_ = kn::kv_dev_row_bytes(kv_dev_, c_.n_head_kv, c_.head_dim);
     }
     CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     CUBLAS_CHECK(cublasCreate(&cublas_));
@@ -376,13 +392,26 @@ CudaBackend::CudaBackend(std::shared_ptr<const Model> model, const BackendOption
     mm_.scratch_floats = static_cast<size_t>(std::min<int64_t>(max_w, int64_t(64) << 20));
     mm_.scratch = mm_scratch_.get(mm_.scratch_floats, "matmul dequantization tile");
 
-    // KV pool: free memory x gpu_memory_fraction, less a reserve for activations.
-    const size_t kv_elem = kv_f16_ ? 2 : 4;
-    const int64_t per_block = 2 * c_.n_layer * int64_t(opt_.block_size) * c_.n_embd_kv() * int64_t(kv_elem);
+    // Everything a step needs, reserved before the KV pool takes the rest: activations for
+    // max_step_tokens tokens (logits for up to 256 of them), the attention partials (a fixed
+    // bound, kernels/attention.h). Larger steps still run, growing the activations then.
+    size_t free_before = 0, total_b = 0;
+    CUDA_CHECK(cudaMemGetInfo(&free_before, &total_b));
+    const int64_t step_tokens = std::max<int32_t>(opt_.max_step_tokens, 1);
+    attn_scratch_floats_ = kn::attention_scratch_floats(attn_params());
+    attn_scratch_ = static_cast<float*>(device_alloc(attn_scratch_floats_ * sizeof(float), "attention scratch"));
+    allocs_.push_back(attn_scratch_);
+    (void)scratch_bufs(step_tokens, std::min<int64_t>(step_tokens, 256), 1);
+    size_t free_after = 0;
+    CUDA_CHECK(cudaMemGetInfo(&free_after, &total_b));
+    const double reserved = double(free_before - std::min(free_before, free_after));
+
+    // KV pool: free memory x gpu_memory_fraction, less a margin for cuBLAS, graphs and the
+    // sampling buffers.
+    const int64_t per_block = 2 * c_.n_layer * int64_t(opt_.block_size) * kv_row_bytes_;
     if (opt_.n_blocks <= 0) {
-        size_t free_b = 0, total_b = 0;
-        CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
-        const double reserve = std::min(2048.0 * k_mib, 0.1 * double(free_b));
+        const size_t free_b = free_after;
+        const double reserve = std::min(512.0 * k_mib, 0.1 * double(free_b));
         const double budget = double(free_b) * double(opt_.gpu_memory_fraction) - reserve;
         // Never more than 256 sequences of the training context (a tiny model would take it all).
         const int64_t cap = (std::min<int64_t>(c_.n_ctx_train, 32768) * 256 + opt_.block_size - 1) / opt_.block_size;
@@ -393,8 +422,7 @@ CudaBackend::CudaBackend(std::shared_ptr<const Model> model, const BackendOption
         opt_.n_blocks = static_cast<int32_t>(std::min<int64_t>(n, 1 << 30));
     }
     // One spare block past the pool: padding tokens of graph replays write there.
-    const size_t layer_bytes =
-        size_t(opt_.n_blocks + 1) * size_t(opt_.block_size) * size_t(c_.n_embd_kv()) * kv_elem;
+    const size_t layer_bytes = size_t(opt_.n_blocks + 1) * size_t(opt_.block_size) * size_t(kv_row_bytes_);
     graphs_enabled_ = env_int("COINFER_CUDA_GRAPHS", 1) != 0;
     if (env_int("COINFER_CUDA_PROFILE", 0) != 0) {
         prof_ = std::make_unique<OpProfile>();
@@ -407,6 +435,17 @@ CudaBackend::CudaBackend(std::shared_ptr<const Model> model, const BackendOption
         v_cache_.push_back(device_alloc(layer_bytes, "KV cache (V)"));
         allocs_.push_back(v_cache_.back());
     }
+    std::fprintf(stderr,
+                 "cuda: KV cache %s, %lld tokens (%d blocks of %d, %.2f GiB); reserved %.0f MiB for steps of %lld "
+                 "tokens (activations, attention scratch)\n",
+                 kv_type_name(kv_dev_ == kn::KV_DEV_F32    ? KV_TYPE_F32
+                              : kv_dev_ == kn::KV_DEV_Q8_0 ? KV_TYPE_Q8_0
+                              : kv_dev_ == kn::KV_DEV_FP8  ? KV_TYPE_FP8
+                                                           : KV_TYPE_F16)
+                     .c_str(),
+                 (long long)opt_.n_blocks * opt_.block_size, opt_.n_blocks, opt_.block_size,
+                 double(per_block) * double(opt_.n_blocks) / double(uint64_t(1) << 30), reserved / k_mib,
+                 (long long)step_tokens);
 }
 
 CudaBackend::~CudaBackend() {
@@ -416,7 +455,7 @@ CudaBackend::~CudaBackend() {
     for (cudaGraphExec_t& e : graph_exec_)
         if (e) cudaGraphExecDestroy(e);
     if (graph_host_ints_) cudaFreeHost(graph_host_ints_);
-    for (auto* s : {&x_, &h_, &q_, &k_, &v_, &attn_, &g_, &u_, &tmp_, &logits_, &attn_part_, &mm_scratch_})
+    for (auto* s : {&x_, &h_, &q_, &k_, &v_, &attn_, &g_, &u_, &tmp_, &logits_, &mm_scratch_})
         s->release();
     ints_.release();
     sample_io_.release();
@@ -520,14 +559,15 @@ CudaBackend::Bufs CudaBackend::scratch_bufs(int64_t n, int64_t n_out, int64_t ma
     B.u = u_.get(size_t(n * n_ff), "activations");
     B.tmp = tmp_.get(size_t(n * d), "activations");
     B.lg = logits_.get(size_t(std::max<int64_t>(n_out, 1) * c_.n_vocab), "logits");
-    B.part = attn_part_.get(kn::attention_scratch_floats(attn_params(), n, max_ctx), "attention scratch");
+    B.part = attn_scratch_;
+    (void)max_ctx;
     return B;
 }
 
 kn::AttentionParams CudaBackend::attn_params() const {
     return kn::AttentionParams{static_cast<int32_t>(c_.n_head), static_cast<int32_t>(c_.n_head_kv),
                                static_cast<int32_t>(c_.head_dim), opt_.block_size,
-                               1.0f / std::sqrt(static_cast<float>(c_.head_dim)), kv_f16_};
+                               1.0f / std::sqrt(static_cast<float>(c_.head_dim)), kv_dev_, 0, opt_.batch_invariant};
 }
 
 // The forward pass as a sequence of launches on stream_ (no host sync, no allocation, so it can
@@ -552,11 +592,6 @@ void CudaBackend::encode(int64_t n, int64_t n_out, int64_t max_ctx, int32_t stri
         mark(name, double(w.n_out) * double(w.row_bytes) + 4.0 * double(rows) * double(w.n_in + w.n_out));
     };
     float *x = B.x, *h = B.h, *q = B.q, *k = B.k, *v = B.v, *attn = B.attn, *g = B.g, *u = B.u, *tmp = B.tmp;
-    // Small GQA groups (Llama-2-7B's 1): the grouped attention kernel is faster for a few tokens,
-    // the per-head one for many (H100: 7B decode 177 vs 139 tok/s alone, 8.2k vs 10.7k at 256).
-    // Batch-invariant backends keep one kernel for every batch.
-    if (c_.n_head / c_.n_head_kv < 4)
-        ap.kernel = opt_.batch_invariant || n <= 8 ? kn::ATTN_KERNEL_GROUPED : kn::ATTN_KERNEL_PER_HEAD;
     if (pr) pr->begin(stream_);
     kn::dequantize_rows(token_embd_.type, token_embd_.data, token_embd_.row_bytes, d, d_tok, n, x, stream_);
     mark("embed");
@@ -578,18 +613,18 @@ void CudaBackend::encode(int64_t n, int64_t n_out, int64_t max_ctx, int32_t stri
             mm(L.wv, h, n, v, "matmul v");
             rp.row_stride = ap.q_stride = 0;
         }
-        kn::rope_kv_write(rp, q, k, v, L.bq, L.bk, L.bv, d_pos, d_slot, n, k_cache_[l], v_cache_[l], kv_f16_, stream_);
+        kn::rope_kv_write(rp, q, k, v, L.bq, L.bk, L.bv, d_pos, d_slot, n, k_cache_[l], v_cache_[l], kv_dev_, stream_);
         mark("rope_kv_write");
-        if (as.n_tiles > 0) {
-            kn::paged_attention_prefill(ap, q, k_cache_[l], v_cache_[l], d_pos, d_seq, d_tables, stride, as.tiles,
-                                        as.n_tiles, attn, stream_);
-            kn::paged_attention(ap, q, k_cache_[l], v_cache_[l], d_pos, d_seq, d_tables, stride, as.n_singles, max_ctx,
-                                B.part, attn, stream_, as.singles);
+        if (as.tiles || as.singles) {
+            kn::paged_attention(ap, q, k_cache_[l], v_cache_[l], d_pos, d_seq, d_tables, stride, as.tiles, as.n_tiles,
+                                as.tile_tokens, max_ctx, B.part, attn_scratch_floats_, attn, stream_);
+            kn::paged_attention(ap, q, k_cache_[l], v_cache_[l], d_pos, d_seq, d_tables, stride, as.singles,
+                                as.n_singles, 1, max_ctx, B.part, attn_scratch_floats_, attn, stream_);
         } else {
-            kn::paged_attention(ap, q, k_cache_[l], v_cache_[l], d_pos, d_seq, d_tables, stride, n, max_ctx, B.part,
-                                attn, stream_);
+            kn::paged_attention(ap, q, k_cache_[l], v_cache_[l], d_pos, d_seq, d_tables, stride, nullptr, n, 1,
+                                max_ctx, B.part, attn_scratch_floats_, attn, stream_);
         }
-        mark("attention");
+        mark("attention", attn_bytes_);
         mm(L.wo, attn, n, tmp, "matmul o");
         kn::rms_norm(x, tmp, nullptr, true, L.ffn_norm, h, n, d, c_.rms_eps, stream_);
         mark("add_rms_norm");
@@ -645,7 +680,7 @@ bool CudaBackend::run_graph(const Batch& b) {
         };
         graph_bufs_ = Bufs{f(N * d), f(N * std::max(d, n_q)), f(N * (n_q + 2 * n_kv)), f(N * n_kv), f(N * n_kv),
                            f(N * n_q), f(N * 2 * n_ff), f(N * n_ff), f(N * d), f(N * c_.n_vocab),
-                           f(int64_t(kn::attention_scratch_floats(attn_params(), N, max_ctx)))};
+                           attn_scratch_};
     }
     // Packed as pack_ints with n = n_out = bucket and the graph's fixed stride.
     int32_t* hi = graph_host_ints_;
@@ -713,24 +748,25 @@ void CudaBackend::run(const Batch& b) {
     const size_t n_base = size_t(4 * n + n_out) + size_t(b.n_seqs()) * size_t(stride);
     h_ints_.assign(n_base, 0);
     const int32_t max_pos = pack_ints(b, stride, h_ints_.data());
-    // Prompt runs (2+ tokens of a sequence at consecutive positions) go to the tiled prefill
-    // attention, whose sums run in another order: never when batch-invariant.
-    const int32_t qt = opt_.batch_invariant ? 0 : kn::prefill_tile_tokens(attn_params());
+    // Prompt runs (2+ tokens of a sequence at consecutive positions) go to attention in tiles
+    // that share each K/V read; their rows then sit in other MMA tiles than alone, so never when
+    // batch-invariant. Every other token is an item of its own.
+    const int32_t qt = opt_.batch_invariant ? 1 : kn::attention_item_tokens(attn_params());
     std::vector<int32_t> tiles, singles;
-    if (qt > 0) {
-        for (int64_t t = 0; t < n;) {
-            int64_t e = t + 1;
+    for (int64_t t = 0; t < n;) {
+        int64_t e = t + 1;
+        if (qt >= 2)
             while (e < n && b.seq[e] == b.seq[t] && b.positions[e] == b.positions[e - 1] + 1) ++e;
-            if (e - t >= 2) {
-                for (int64_t s0 = t; s0 < e; s0 += qt) {
-                    tiles.push_back(int32_t(s0));
-                    tiles.push_back(int32_t(std::min<int64_t>(qt, e - s0)));
-                }
-            } else {
-                singles.push_back(int32_t(t));
+        if (e - t >= 2) {
+            for (int64_t s0 = t; s0 < e; s0 += qt) {
+                tiles.push_back(int32_t(s0));
+                tiles.push_back(int32_t(std::min<int64_t>(qt, e - s0)));
             }
-            t = e;
+        } else {
+            singles.push_back(int32_t(t));
+            singles.push_back(1);
         }
+        t = e;
     }
     h_ints_.insert(h_ints_.end(), tiles.begin(), tiles.end());
     h_ints_.insert(h_ints_.end(), singles.begin(), singles.end());
@@ -738,11 +774,17 @@ void CudaBackend::run(const Batch& b) {
     int32_t* di = ints_.get(n_ints, "batch indices");
     CUDA_CHECK(cudaMemcpyAsync(di, h_ints_.data(), n_ints * sizeof(int32_t), cudaMemcpyHostToDevice, stream_));
     AttnSplit as;
-    if (!tiles.empty()) {
-        as.tiles = di + n_base;
-        as.n_tiles = int64_t(tiles.size() / 2);
-        as.singles = di + n_base + tiles.size();
-        as.n_singles = int64_t(singles.size());
+    as.tiles = di + n_base;
+    as.n_tiles = int64_t(tiles.size() / 2);
+    as.tile_tokens = std::max<int32_t>(qt, 1);
+    as.singles = di + n_base + tiles.size();
+    as.n_singles = int64_t(singles.size() / 2);
+    if (prof_) {
+        // Each item reads its sequence's K and V rows up to its last position once.
+        double rows = 0;
+        for (size_t i = 0; i < tiles.size(); i += 2) rows += double(b.positions[size_t(tiles[i] + tiles[i + 1] - 1)]) + 1;
+        for (size_t i = 0; i < singles.size(); i += 2) rows += double(b.positions[size_t(singles[i])]) + 1;
+        attn_bytes_ = 2.0 * rows * double(kv_row_bytes_);
     }
     const Bufs B = scratch_bufs(n, n_out, int64_t(max_pos) + 1);
     encode(n, n_out, int64_t(max_pos) + 1, stride, di, B, as);

@@ -1,5 +1,7 @@
 #include "synthetic.h"
 
+#include <cstdlib>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -51,15 +53,34 @@ SyntheticWeights synthetic_type(std::string_view name) {
 bool is_synthetic_path(std::string_view path) { return path.starts_with("synthetic:"); }
 
 SyntheticSpec parse_synthetic_path(std::string_view path) {
-    if (!is_synthetic_path(path)) throw_error("'{}' is not of the form synthetic:SHAPE[:TYPE]", path);
+    if (!is_synthetic_path(path)) throw_error("'{}' is not of the form synthetic:SHAPE[:TYPE][:ctx=N]", path);
     std::string_view rest = path.substr(std::string_view("synthetic:").size());
+    std::vector<std::string_view> parts;
+    for (size_t at = 0;;) {
+        const size_t colon = rest.find(':', at);
+        parts.push_back(rest.substr(at, colon == std::string_view::npos ? std::string_view::npos : colon - at));
+        if (colon == std::string_view::npos) break;
+        at = colon + 1;
+    }
     std::string_view type = "f16";
-    if (auto colon = rest.find(':'); colon != std::string_view::npos) {
-        type = rest.substr(colon + 1);
-        rest = rest.substr(0, colon);
+    int64_t n_ctx = 0;
+    for (size_t i = 1; i < parts.size(); ++i) {
+        if (parts[i].starts_with("ctx=")) {
+            const std::string v(parts[i].substr(4));
+            char* end = nullptr;
+            const long long c = std::strtoll(v.c_str(), &end, 10);
+            if (v.empty() || *end != '\0' || c < 1 || c > (1 << 24))
+                throw_error("'{}': ctx= takes a context length of 1..16777216 tokens", path);
+            n_ctx = c;
+        } else if (i == 1) {
+            type = parts[i];
+        } else {
+            throw_error("'{}' is not of the form synthetic:SHAPE[:TYPE][:ctx=N]", path);
+        }
     }
     SyntheticSpec spec;
-    spec.shape = synthetic_shape(rest);
+    spec.shape = synthetic_shape(parts[0]);
+    if (n_ctx > 0) spec.shape.n_ctx = n_ctx;
     const SyntheticWeights w = synthetic_type(type);
     spec.type = w.type;
     spec.mix_m = w.mix_m;

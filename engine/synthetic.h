@@ -1,6 +1,6 @@
 #pragma once
 // Synthetic models: random Llama weights of a named shape, built in memory
-// (Model::load("synthetic:SHAPE[:TYPE]")) or streamed to a GGUF file (`coinfer synth`), so any
+// (Model::load("synthetic:SHAPE[:TYPE][:ctx=N]"), ctx= overriding the shape's context length) or streamed to a GGUF file (`coinfer synth`), so any
 // shape can be benchmarked on any machine and the very same file can be loaded by another engine.
 //
 // Weights are normal with std 0.02 from a counter-based generator keyed by (seed, tensor name,

@@ -613,6 +613,14 @@ json run_batched(const BatchedOptions& bopt, const Options& o, std::shared_ptr<c
         json a;
         a["pp"] = rates(o.out, backend_name, pp_bytes, 2.0 * cost.params * B * pp, t_pp, fmt::format("B={} PP", B).c_str());
         if (tg > 0) a["tg"] = rates(o.out, backend_name, tg_bytes, 2.0 * cost.params * B * tg, t_tg, fmt::format("B={} TG", B).c_str());
+        if (tg > 0 && t_tg > 0) {
+            // The context's K/V alone over the whole decode time (weights and other ops
+            // included in the time): a floor on the attention kernels' own rate.
+            const double kv = cost.kv_bytes_per_pos * B * (tg * pp + tg * (tg - 1) / 2.0);
+            fmt::print(o.out, "  {:<14} {:>9.1f} GB/s of K/V over the decode time ({:.1f} GB per step)\n",
+                       fmt::format("B={} TG KV", B), kv / t_tg / 1e9, kv / tg / 1e9);
+            a["tg_kv_gbps"] = kv / t_tg / 1e9;
+        }
         for (auto& r : rows)
             if (r["b"] == B) r["achieved"] = a;
     }

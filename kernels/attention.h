@@ -6,49 +6,46 @@
 
 #include <cuda_runtime_api.h>
 
+#include "kv_layout.h"
+
 namespace coinfer::kernels {
 
 struct AttentionParams {
     int32_t n_head, n_head_kv, head_dim;  // head_dim <= 256
     int32_t block_size;                   // tokens per KV block
     float scale;                          // 1/sqrt(head_dim)
-    bool kv_f16;
+    int32_t kv_type = KV_DEV_F16;         // KvDevType of the cache rows (kv_layout.h)
     int32_t q_stride = 0;                 // floats between q rows; 0: n_head * head_dim
-    // Which kernel: ATTN_KERNEL_AUTO picks by GQA group size (grouped for n_head / n_head_kv >= 4).
-    // The two sum in different orders: a caller that promises batch invariance must not choose
-    // by batch size.
-    int32_t kernel = 0;
+    // Split counts that depend on nothing but a token's own context (16 splits at most), so a
+    // token's result does not depend on its batch. Otherwise they are chosen per launch to fill
+    // the GPU.
+    bool batch_invariant = false;
 };
 
-enum AttnKernel : int32_t {
-    ATTN_KERNEL_AUTO = 0,
-    ATTN_KERNEL_GROUPED = 1,   // a block per (token, KV head, split): K/V staged once per group
-    ATTN_KERNEL_PER_HEAD = 2,  // a block per (token, query head, split of 256)
-};
+// Whether the KV type and head geometry can run (q8_0 needs head_dim % 32 == 0, fp8 % 16).
+// Returns nullptr or what is missing.
+const char* attention_unsupported(const AttentionParams& p);
 
-// Scratch floats needed for n_tokens tokens whose largest context is max_ctx.
-size_t attention_scratch_floats(const AttentionParams& p, int64_t n_tokens, int64_t max_ctx);
+// Most tokens of one sequence an item may hold (items below): 64 / (n_head / n_head_kv) for the
+// tensor-core kernel (F16, q8_0 and fp8 caches), 1 for F32 caches.
+int32_t attention_item_tokens(const AttentionParams& p);
+
+// Scratch floats any paged_attention call needs (split partials), whatever its batch: a fixed
+// reservation. Launches whose partials would not fit run in parts.
+size_t attention_scratch_floats(const AttentionParams& p);
 
 //   q:   [n_tokens, q_stride], the first n_head * head_dim of each row (rotated)
 //   out: [n_tokens, n_head * head_dim]
 //   positions[t], seq[t]: token t sees positions 0..positions[t] of sequence seq[t]
 //   block_tables: [n_seqs, table_stride] block ids
-//   k_cache, v_cache: [n_slots, n_head_kv * head_dim]
-//   token_ids: when given, only tokens token_ids[0..n_tokens) (indices into the arrays above)
+//   k_cache, v_cache: [n_slots] rows of p.kv_type
+//   items: [n_items, 2] = (first token, count): count <= item_tokens tokens of one sequence at
+//     consecutive positions, which share each K/V tile read (prompt runs); nullptr: item i is
+//     token i alone. item_tokens <= attention_item_tokens(p).
+//   max_ctx: the largest positions[t] + 1 of the items
 void paged_attention(const AttentionParams& p, const float* q, const void* k_cache, const void* v_cache,
                      const int32_t* positions, const int32_t* seq, const int32_t* block_tables, int32_t table_stride,
-                     int64_t n_tokens, int64_t max_ctx, float* scratch, float* out, cudaStream_t stream,
-                     const int32_t* token_ids = nullptr);
-
-// Prompt runs (tokens of one sequence at consecutive positions) in tiles: the tiles' tokens
-// share each K/V tile of the cache (decode-style kernels read it once per token).
-//   tiles: [n_tiles, 2] = (first token, count), count <= prefill_tile_tokens(p)
-// prefill_tile_tokens: 64 / (n_head / n_head_kv) for head_dim 64 or 128, else 0 (unsupported).
-// The sums run in another order than paged_attention's: a batch-invariant caller uses one.
-int32_t prefill_tile_tokens(const AttentionParams& p);
-void paged_attention_prefill(const AttentionParams& p, const float* q, const void* k_cache, const void* v_cache,
-                             const int32_t* positions, const int32_t* seq, const int32_t* block_tables,
-                             int32_t table_stride, const int32_t* tiles, int64_t n_tiles, float* out,
-                             cudaStream_t stream);
+                     const int32_t* items, int64_t n_items, int32_t item_tokens, int64_t max_ctx, float* scratch,
+                     size_t scratch_floats, float* out, cudaStream_t stream);
 
 }  // namespace coinfer::kernels

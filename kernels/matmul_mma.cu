@@ -28,6 +28,7 @@
 
 #include "cuda_check.h"
 #include "matmul_mma.h"
+#include "mma.cuh"
 #include "quant_dev.cuh"
 
 namespace coinfer::kernels {
@@ -166,27 +167,6 @@ __device__ __forceinline__ void dq8h(const uint8_t* tr, int ch, int c, uint32_t*
         // value = (q | hmask << 2) - 4: hmask set means no offset of -4.
         finish_mul(v, h2_f(1028.0f), h2_f(d * float(q3k_scale(b + 96, half * 8 + s4 * 2 + (c >> 1)))), out);
     }
-}
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
-    const uint32_t sa = uint32_t(__cvta_generic_to_shared(smem));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(sa), "l"(gmem), "r"(src_bytes) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait(int n) {
-    // wait_group takes an immediate; the ring is 2..4 deep.
-    if (n <= 0) asm volatile("cp.async.wait_group 0;" ::: "memory");
-    else if (n == 1) asm volatile("cp.async.wait_group 1;" ::: "memory");
-    else if (n == 2) asm volatile("cp.async.wait_group 2;" ::: "memory");
-    else asm volatile("cp.async.wait_group 3;" ::: "memory");
-}
-
-__device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 // Grid: (n_out / k_bm, n_rows / BN, splits). Block: k_threads. Dynamic shared memory:

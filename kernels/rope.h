@@ -18,9 +18,10 @@ struct RopeParams {
 // For each token t: q[t] += bq, k[t] += bk, v[t] += bv (when the biases are given); rotate q[t]
 // and k[t] by positions[t]; write k[t], v[t] to cache slot slots[t] of k_cache / v_cache.
 //   q: [n_tokens, n_head * head_dim]  k, v: [n_tokens, n_head_kv * head_dim] (rows row_stride apart when set)
-//   k_cache, v_cache: [n_slots, n_head_kv * head_dim] of F16 (kv_f16) or F32
+//   k_cache, v_cache: [n_slots] rows of kv_type (kv_layout.h). For the quantized types k and v
+//   are left rotated and biased (the rows that were quantized).
 void rope_kv_write(const RopeParams& p, float* q, float* k, float* v, const float* bq, const float* bk, const float* bv,
                    const int32_t* positions, const int32_t* slots, int64_t n_tokens, void* k_cache, void* v_cache,
-                   bool kv_f16, cudaStream_t stream);
+                   int32_t kv_type, cudaStream_t stream);
 
 }  // namespace coinfer::kernels

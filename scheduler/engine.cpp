@@ -99,6 +99,7 @@ Engine::Engine(asio::any_io_executor ex, EngineOptions opt) : executor_(std::mov
     im.model = im.opt.loaded ? im.opt.loaded : Model::load(im.opt.model);
     const std::string device = im.opt.device == "auto" ? (cuda_device_available() ? "cuda" : "cpu") : im.opt.device;
     if (device == "cuda") {
+        im.opt.backend.max_step_tokens = std::max(im.opt.planner.max_batch_tokens, 1);
         im.backend = make_cuda_backend(im.model, im.opt.backend);
     } else if (device == "cpu") {
         im.backend = make_cpu_backend(im.model, im.opt.backend);

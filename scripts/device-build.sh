@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 BUILD=${BUILD:-build-device}
 STAGE=${STAGE:-devrun}
 if [ ! -d "$BUILD" ]; then
-  meson setup "$BUILD" -Dcuda-arch=90 -Dprefer_static=true -Dbuildtype=release \
+  meson setup "$BUILD" -Dcuda-arch=90 -Dcuda-generic=false -Dprefer_static=true -Dbuildtype=release \
     "-Dcpp_args=['-DFMT_HEADER_ONLY']" \
     "-Dcpp_link_args=['-static-libstdc++','-static-libgcc','-Wl,--as-needed']" \
     "-Dcuda_link_args=['-Xcompiler=-static-libstdc++','-Xcompiler=-static-libgcc']"

@@ -22,6 +22,7 @@
 
 #include <cuda_fp16.h>
 
+#include "engine/kv_codec.h"
 #include "engine/quant.h"
 #include "engine/rope_table.h"
 #include "kernels/attention.h"
@@ -359,7 +360,7 @@ std::vector<Case> make_cases(int n_threads) {
             dkc->poison();
             const kn::RopeParams rp{n_head, n_kv, hd, hd, neox, dinv->p, 0, rt.mscale};
             kn::rope_kv_write(rp, dq->p, dk->p, dv->p, nullptr, nullptr, nullptr, dpos->p, dslot->p, n_tok, dkc->p,
-                              dvc->p, false, nullptr);
+                              dvc->p, kn::KV_DEV_F32, nullptr);
             CUDA_CHECK(cudaDeviceSynchronize());
             std::vector<float> got = dq->get(), want = want_q;
             const std::vector<float> kc = dkc->get();
@@ -367,55 +368,117 @@ std::vector<Case> make_cases(int n_threads) {
             want.insert(want.end(), want_k.begin(), want_k.end());
             launch = [=] {  // timing only: rotates q and k again
                 kn::rope_kv_write(rp, dq->p, dk->p, dv->p, nullptr, nullptr, nullptr, dpos->p, dslot->p, n_tok, dkc->p,
-                                  dvc->p, false, nullptr);
+                                  dvc->p, kn::KV_DEV_F32, nullptr);
             };
             return Result{nmse(got, want), double(4 * (q.size() + 2 * k.size())), 0};
         }});
     }
 
     // ---- rope + KV write, and paged attention over the written cache ----
-    struct AttnShape { int n_head, n_kv, hd, n_rot; bool neox; std::vector<int> ctx; int n_tok; bool f16; int kernel = kn::ATTN_KERNEL_AUTO; int run = 0; };
+    // Every KV type: the rows this batch writes must equal kv_codec.cpp's encoding of the
+    // rotated K / V bit for bit (llama.cpp's q8_0 rounding); attention is checked against an F32
+    // reference over the values the cache holds. Block tables are shuffled (no two neighbours
+    // adjacent), entries past a sequence's last block are -1, and `shared` sequences share
+    // their first blocks (a cached prefix).
+    struct AttnShape {
+        int n_head, n_kv, hd, n_rot;
+        bool neox;
+        std::vector<int> ctx;
+        int n_tok;
+        KvType kv;
+        int run = 0;             // prompt runs of this many tokens, cut into items as the backend cuts them
+        bool invariant = false;  // batch-invariant split counts
+        bool shared = false;
+    };
+    const KvType F32 = KV_TYPE_F32, F16 = KV_TYPE_F16, Q8 = KV_TYPE_Q8_0, FP8 = KV_TYPE_FP8;
     const AttnShape attn_shapes[] = {
-        {8, 4, 8, 8, false, {1, 5, 40}, 3, true},              // stories260K
-        {4, 2, 64, 64, false, {1, 17, 300}, 4, false},          // quant-base, F32 KV
-        {32, 4, 64, 64, false, {1, 100, 1000}, 4, true},        // TinyLlama (GQA 8)
-        {32, 8, 128, 128, true, {1, 513, 4096}, 2, true},       // Llama-3 / qwen-like NEOX (GQA 4)
-        {32, 32, 128, 128, false, {1, 512}, 64, true},          // Llama-2-7B, decode batch of 64
-        {32, 32, 128, 128, false, {4096}, 8, true},             // Llama-2-7B, long contexts
-        {32, 32, 128, 128, false, {256}, 64, true},             // prefill-sized chunk
-        // The grouped kernel where AUTO picks the per-head one (small groups: the cuda backend
-        // uses it for batches of up to 8 tokens, and for every batch when batch-invariant).
-        {8, 4, 8, 8, false, {1, 5, 40}, 3, true, kn::ATTN_KERNEL_GROUPED},
-        {4, 2, 64, 64, false, {1, 17, 300}, 4, false, kn::ATTN_KERNEL_GROUPED},
-        {32, 32, 128, 128, false, {1, 512, 4096}, 8, true, kn::ATTN_KERNEL_GROUPED},
-        // Prompt runs through the tiled prefill kernel: sequences of `run` tokens at consecutive
-        // positions (after a cached prefix), cut into tiles as the cuda backend cuts them.
-        {32, 4, 64, 64, false, {20, 200, 1000}, 60, true, kn::ATTN_KERNEL_AUTO, 20},
-        {32, 4, 64, 64, false, {513}, 512, true, kn::ATTN_KERNEL_AUTO, 512},
-        {4, 2, 64, 64, false, {17, 300}, 40, false, kn::ATTN_KERNEL_AUTO, 13},
-        {32, 8, 128, 128, true, {100, 700}, 90, true, kn::ATTN_KERNEL_AUTO, 45},
-        {32, 32, 128, 128, false, {256, 1000}, 200, true, kn::ATTN_KERNEL_AUTO, 100},
+        {8, 4, 8, 8, false, {1, 5, 40}, 3, F16},                  // stories260K
+        {8, 4, 8, 8, false, {1, 5, 40}, 3, F32},
+        {4, 2, 64, 64, false, {1, 17, 300}, 4, F32},              // quant-base, F32 KV
+        {32, 4, 64, 64, false, {1, 100, 1000, 32768}, 4, F16},    // TinyLlama (GQA 8)
+        {32, 4, 64, 64, false, {1, 100, 4096}, 8, Q8},
+        {32, 4, 64, 64, false, {1, 100, 4096}, 8, FP8},
+        {32, 8, 128, 128, true, {1, 513, 4096}, 2, F16},          // Llama-3 (GQA 4), NEOX
+        {32, 8, 128, 128, true, {1, 513, 16384}, 2, Q8},
+        {32, 32, 128, 128, false, {1, 512}, 64, F16},             // Llama-2-7B (MHA), decode batch of 64
+        {32, 32, 128, 128, false, {4096}, 8, F16, 0, false, true},
+        {32, 32, 128, 128, false, {1, 512}, 16, Q8},
+        {32, 32, 128, 128, false, {1, 512}, 16, FP8},
+        {32, 32, 128, 128, false, {1, 512, 4096}, 8, F32},
+        {16, 4, 80, 80, true, {1, 300}, 4, F16},                  // head sizes padded to the kernels' 96 / 256
+        {16, 2, 96, 96, true, {1, 300}, 4, Q8},
+        {8, 1, 256, 256, false, {1, 200}, 3, F16},
+        {8, 1, 256, 256, false, {1, 200}, 3, FP8},
+        {4, 4, 16, 16, false, {1, 70}, 3, F16},
+        // Batch-invariant split counts.
+        {32, 4, 64, 64, false, {1, 1000, 4096}, 4, F16, 0, true},
+        {32, 32, 128, 128, false, {1, 4096}, 4, Q8, 0, true},
+        // Prompt runs: sequences of `run` tokens at consecutive positions after a cached prefix.
+        {32, 4, 64, 64, false, {20, 200, 1000}, 60, F16, 20},
+        {32, 4, 64, 64, false, {513}, 512, F16, 512},
+        {32, 4, 64, 64, false, {513, 2048}, 512, Q8, 512, false, true},
+        {32, 4, 64, 64, false, {700}, 300, FP8, 100},
+        {4, 2, 64, 64, false, {17, 300}, 40, F32, 13},
+        {32, 8, 128, 128, true, {100, 700}, 90, F16, 45, false, true},
+        {32, 32, 128, 128, false, {256, 1000}, 200, F16, 100},
+        {32, 32, 128, 128, false, {1000}, 200, Q8, 100},
+        {8, 4, 8, 8, false, {40}, 30, F16, 10},
+    };
+    // One row of n_kv values as the GPU stores it (kernels/kv_layout.h) from kv_codec's bytes.
+    auto to_dev_row = [](KvType t, const uint8_t* cpu, int n_kvh, int hd, uint8_t* dev) {
+        const int n_kv = n_kvh * hd;
+        if (t == KV_TYPE_Q8_0) {
+            for (int b = 0; b < n_kv / 32; ++b) {
+                const int64_t sc = kn::kv_dev_scales_offset(kn::KV_DEV_Q8_0, n_kvh, hd, 32 * b / hd) + 2 * (b % (hd / 32));
+                std::memcpy(dev + sc, cpu + 34 * b, 2);
+                std::memcpy(dev + 32 * b, cpu + 34 * b + 2, 32);
+            }
+        } else if (t == KV_TYPE_FP8) {
+            for (int h = 0; h < n_kvh; ++h) {
+                std::memcpy(dev + n_kv + 4 * h, cpu + h * (4 + hd), 4);
+                std::memcpy(dev + h * hd, cpu + h * (4 + hd) + 4, size_t(hd));
+            }
+        } else {
+            std::memcpy(dev, cpu, kv_row_bytes(t, n_kv, hd));
+        }
+    };
+    auto from_dev_row = [](KvType t, const uint8_t* dev, int n_kvh, int hd, uint8_t* cpu) {
+        const int n_kv = n_kvh * hd;
+        if (t == KV_TYPE_Q8_0) {
+            for (int b = 0; b < n_kv / 32; ++b) {
+                const int64_t sc = kn::kv_dev_scales_offset(kn::KV_DEV_Q8_0, n_kvh, hd, 32 * b / hd) + 2 * (b % (hd / 32));
+                std::memcpy(cpu + 34 * b, dev + sc, 2);
+                std::memcpy(cpu + 34 * b + 2, dev + 32 * b, 32);
+            }
+        } else if (t == KV_TYPE_FP8) {
+            for (int h = 0; h < n_kvh; ++h) {
+                std::memcpy(cpu + h * (4 + hd), dev + n_kv + 4 * h, 4);
+                std::memcpy(cpu + h * (4 + hd) + 4, dev + h * hd, size_t(hd));
+            }
+        } else {
+            std::memcpy(cpu, dev, kv_row_bytes(t, n_kv, hd));
+        }
+    };
+    auto dev_type = [](KvType t) {
+        return t == KV_TYPE_F32 ? kn::KV_DEV_F32 : t == KV_TYPE_Q8_0 ? kn::KV_DEV_Q8_0 : t == KV_TYPE_FP8 ? kn::KV_DEV_FP8 : kn::KV_DEV_F16;
     };
     for (const AttnShape& a : attn_shapes) {
         for (int max_ctx : a.ctx) {
-            cases.push_back({fmt::format("rope_kv+attention{} heads={}/{} hd={} {} kv={} ctx<={} tokens={}{}",
-                                         a.run ? "-prefill" : a.kernel == kn::ATTN_KERNEL_GROUPED ? "-grouped" : "",
-                                         a.n_head, a.n_kv, a.hd, a.neox ? "neox" : "norm", a.f16 ? "f16" : "f32",
+            // q8_0 and fp8 values reach the MMA as F16 of code x scale: one more rounding than F16 rows.
+            const double bound = a.kv == KV_TYPE_F32 ? 1e-10 : a.kv == KV_TYPE_F16 ? 1e-7 : 4e-7;
+            cases.push_back({fmt::format("rope_kv+attention{}{}{} heads={}/{} hd={} {} kv={} ctx<={} tokens={}{}",
+                                         a.run ? "-prefill" : "", a.invariant ? "-invariant" : "", a.shared ? "-shared" : "",
+                                         a.n_head, a.n_kv, a.hd, a.neox ? "neox" : "norm", kv_type_name(a.kv),
                                          max_ctx, a.n_tok, a.run ? fmt::format(" run={}", a.run) : ""),
-                             1e-7, [=](std::function<void()>& launch) {
+                             bound, [=](std::function<void()>& launch) {
                 const int bs = 16, n_tok = a.n_tok;
                 const int64_t n_q = int64_t(a.n_head) * a.hd, n_kvd = int64_t(a.n_kv) * a.hd;
-                // Token t belongs to sequence t, attends to positions 0..pos_t; earlier positions are
-                // already in the cache (random), pos_t itself comes from this batch's k/v.
+                const int n_seq = a.run ? (n_tok + a.run - 1) / a.run : n_tok;
+                // Decode: token t is sequence t at position pos_t. Runs: token t is sequence
+                // t / run, its run at consecutive positions after a prefix of random length.
                 std::vector<int32_t> pos(static_cast<size_t>(n_tok)), seq(static_cast<size_t>(n_tok)), slot(static_cast<size_t>(n_tok));
-                const int max_blocks = (max_ctx + bs - 1) / bs;
-                std::vector<int32_t> tables(size_t(n_tok * max_blocks));
-                std::vector<int32_t> perm(size_t(n_tok * max_blocks));
-                for (size_t i = 0; i < perm.size(); ++i) perm[i] = int32_t(i);
-                std::shuffle(perm.begin(), perm.end(), rng);
                 for (int t = 0; t < n_tok; ++t) {
                     if (a.run) {
-                        // Token t: sequence t / run, positions base .. base + run - 1 of it.
                         seq[t] = t / a.run;
                         const int first = seq[t] * a.run;
                         if (t == first) {
@@ -428,21 +491,46 @@ std::vector<Case> make_cases(int n_threads) {
                         pos[t] = t == 0 ? max_ctx - 1 : int32_t(rng() % uint64_t(max_ctx));
                         seq[t] = t;
                     }
-                    for (int b = 0; b < max_blocks; ++b) tables[size_t(t * max_blocks + b)] = perm[size_t(t * max_blocks + b)];
                 }
+                std::vector<int32_t> seq_last(size_t(n_seq), 0);
+                int min_first = max_ctx;
+                for (int t = 0; t < n_tok; ++t) {
+                    seq_last[size_t(seq[t])] = std::max(seq_last[size_t(seq[t])], pos[t]);
+                    if (t == 0 || seq[t] != seq[t - 1]) min_first = std::min(min_first, int(pos[t]));
+                }
+                const int max_blocks = (max_ctx + bs - 1) / bs;
+                const int n_shared = a.shared ? min_first / bs : 0;  // blocks below every written position
+                std::vector<int32_t> perm(size_t(n_seq * max_blocks));
+                for (size_t i = 0; i < perm.size(); ++i) perm[i] = int32_t(i);
+                std::shuffle(perm.begin(), perm.end(), rng);
+                std::vector<int32_t> tables(size_t(n_seq * max_blocks), -1);
+                for (int sq = 0; sq < n_seq; ++sq)
+                    for (int b = 0; b <= seq_last[size_t(sq)] / bs; ++b)
+                        tables[size_t(sq * max_blocks + b)] = b < n_shared ? perm[size_t(b)] : perm[size_t(sq * max_blocks + b)];
                 for (int t = 0; t < n_tok; ++t)
                     slot[t] = tables[size_t(seq[t] * max_blocks + pos[t] / bs)] * bs + pos[t] % bs;
                 const int64_t n_slots = int64_t(perm.size()) * bs;
-                auto round_kv = [&](float v) { return a.f16 ? fp16_to_fp32(fp32_to_fp16(v)) : v; };
-                auto kc = randn(size_t(n_slots * n_kvd)), vc = randn(size_t(n_slots * n_kvd));
-                for (auto& v : kc) v = round_kv(v);
-                for (auto& v : vc) v = round_kv(v);
+                const kn::AttentionParams ap{a.n_head, a.n_kv, a.hd, bs, 1.0f / std::sqrt(float(a.hd)), dev_type(a.kv), 0,
+                                             a.invariant};
+                const int64_t row = kn::kv_dev_row_bytes(ap.kv_type, a.n_kv, a.hd);
+                const size_t cpu_row = kv_row_bytes(a.kv, n_kvd, a.hd);
+                // The cache: random rows, encoded.
+                std::vector<uint8_t> kc(size_t(n_slots * row), 0), vc(size_t(n_slots * row), 0);
+                {
+                    std::vector<uint8_t> enc(cpu_row);
+                    const auto kr = randn(size_t(n_slots * n_kvd)), vr = randn(size_t(n_slots * n_kvd));
+                    for (int64_t r = 0; r < n_slots; ++r) {
+                        kv_row_encode(a.kv, &kr[size_t(r * n_kvd)], n_kvd, a.hd, enc.data());
+                        to_dev_row(a.kv, enc.data(), a.n_kv, a.hd, &kc[size_t(r * row)]);
+                        kv_row_encode(a.kv, &vr[size_t(r * n_kvd)], n_kvd, a.hd, enc.data());
+                        to_dev_row(a.kv, enc.data(), a.n_kv, a.hd, &vc[size_t(r * row)]);
+                    }
+                }
                 auto q = randn(size_t(n_tok * n_q)), k = randn(size_t(n_tok * n_kvd)), v = randn(size_t(n_tok * n_kvd));
                 std::vector<float> inv(size_t(a.n_rot / 2));
                 const float ts = std::pow(10000.0f, -2.0f / float(a.n_rot));
                 float tt = 1.0f;
                 for (auto& f : inv) { f = tt; tt *= ts; }
-                // CPU: rope, write, attention (the CPU backend's math).
                 auto rope = [&](float* x, int nh, int p) {
                     const int half = a.n_rot / 2;
                     for (int h = 0; h < nh; ++h)
@@ -455,92 +543,122 @@ std::vector<Case> make_cases(int n_threads) {
                             hv[ib] = x0 * sn + x1 * cs;
                         }
                 };
-                std::vector<float> qr = q, kr = k, kc2 = kc, vc2 = vc;
-                for (int t = 0; t < n_tok; ++t) {
-                    rope(&qr[size_t(t * n_q)], a.n_head, pos[t]);
-                    rope(&kr[size_t(t * n_kvd)], a.n_kv, pos[t]);
-                    for (int64_t i = 0; i < n_kvd; ++i) {
-                        kc2[size_t(slot[t] * n_kvd + i)] = round_kv(kr[size_t(t * n_kvd + i)]);
-                        vc2[size_t(slot[t] * n_kvd + i)] = round_kv(v[size_t(t * n_kvd + i)]);
-                    }
-                }
-                std::vector<float> want(size_t(n_tok * n_q));
-                const float scale = 1.0f / std::sqrt(float(a.hd));
-                for (int t = 0; t < n_tok; ++t) {
-                    std::vector<float> sc(size_t(pos[t] + 1));
-                    for (int h = 0; h < a.n_head; ++h) {
-                        const int kvh = h / (a.n_head / a.n_kv);
-                        float mx = -INFINITY;
-                        for (int p = 0; p <= pos[t]; ++p) {
-                            const int64_t s = tables[size_t(seq[t] * max_blocks + p / bs)] * bs + p % bs;
-                            float dot = 0;
-                            for (int i = 0; i < a.hd; ++i) dot += qr[size_t(t * n_q + h * a.hd + i)] * kc2[size_t(s * n_kvd + kvh * a.hd + i)];
-                            sc[size_t(p)] = dot * scale;
-                            mx = std::max(mx, sc[size_t(p)]);
-                        }
-                        double sum = 0;
-                        for (auto& e : sc) { e = std::exp(e - mx); sum += e; }
-                        for (int p = 0; p <= pos[t]; ++p) {
-                            const int64_t s = tables[size_t(seq[t] * max_blocks + p / bs)] * bs + p % bs;
-                            for (int i = 0; i < a.hd; ++i)
-                                want[size_t(t * n_q + h * a.hd + i)] += float(sc[size_t(p)] / sum) * vc2[size_t(s * n_kvd + kvh * a.hd + i)];
-                        }
-                    }
-                }
-                // GPU.
-                std::vector<uint16_t> kh, vh;
+                std::vector<float> qr = q;
+                for (int t = 0; t < n_tok; ++t) rope(&qr[size_t(t * n_q)], a.n_head, pos[t]);
+                // GPU: rope + KV write, then attention.
                 auto dq = std::make_shared<Dev<float>>(q);
                 auto dk = std::make_shared<Dev<float>>(k);
                 auto dv = std::make_shared<Dev<float>>(v);
-                std::shared_ptr<void> dkc, dvc;
-                void *pk = nullptr, *pv = nullptr;
-                if (a.f16) {
-                    std::vector<uint16_t> a16(kc.size()), b16(vc.size());
-                    for (size_t i = 0; i < kc.size(); ++i) { a16[i] = fp32_to_fp16(kc[i]); b16[i] = fp32_to_fp16(vc[i]); }
-                    auto x = std::make_shared<Dev<uint16_t>>(a16), y = std::make_shared<Dev<uint16_t>>(b16);
-                    pk = x->p; pv = y->p; dkc = x; dvc = y;
-                } else {
-                    auto x = std::make_shared<Dev<float>>(kc), y = std::make_shared<Dev<float>>(vc);
-                    pk = x->p; pv = y->p; dkc = x; dvc = y;
-                }
+                auto dkc = std::make_shared<Dev<uint8_t>>(kc), dvc = std::make_shared<Dev<uint8_t>>(vc);
                 auto dpos = std::make_shared<Dev<int32_t>>(pos);
                 auto dseq = std::make_shared<Dev<int32_t>>(seq);
                 auto dslot = std::make_shared<Dev<int32_t>>(slot);
                 auto dtab = std::make_shared<Dev<int32_t>>(tables);
                 auto dinv = std::make_shared<Dev<float>>(inv);
-                const kn::AttentionParams ap{a.n_head, a.n_kv, a.hd, bs, scale, a.f16, 0, a.kernel};
-                auto dpart = std::make_shared<Dev<float>>(kn::attention_scratch_floats(ap, n_tok, max_ctx));
-                auto dout = std::make_shared<Dev<float>>(want.size());
+                auto dpart = std::make_shared<Dev<float>>(kn::attention_scratch_floats(ap));
+                const size_t part_n = dpart->n;
+                auto dout = std::make_shared<Dev<float>>(size_t(n_tok * n_q));
                 dout->poison();
                 const kn::RopeParams rp{a.n_head, a.n_kv, a.hd, a.n_rot, a.neox, dinv->p};
-                kn::rope_kv_write(rp, dq->p, dk->p, dv->p, nullptr, nullptr, nullptr, dpos->p, dslot->p, n_tok, pk, pv, a.f16, nullptr);
-                auto qgot = dq->get();
-                std::vector<int32_t> tiles;
-                if (a.run) {
-                    const int qt = kn::prefill_tile_tokens(ap);
-                    if (qt <= 0) throw std::runtime_error("no prefill attention kernel for this head geometry");
-                    for (int s0 = 0; s0 < n_tok; s0 += a.run)
-                        for (int t = s0; t < std::min(n_tok, s0 + a.run); t += qt) {
-                            tiles.push_back(t);
-                            tiles.push_back(std::min({qt, n_tok - t, s0 + a.run - t}));
+                kn::rope_kv_write(rp, dq->p, dk->p, dv->p, nullptr, nullptr, nullptr, dpos->p, dslot->p, n_tok, dkc->p,
+                                  dvc->p, ap.kv_type, nullptr);
+                const auto qgot = dq->get(), kgot = dk->get(), vgot = dv->get();
+                // Items as the backend cuts them: runs in tiles, other tokens alone.
+                const int qt = kn::attention_item_tokens(ap);
+                if (qt <= 0) throw std::runtime_error("no attention kernel for this head geometry");
+                std::vector<int32_t> tiles, singles;
+                for (int t = 0; t < n_tok;) {
+                    int e = t + 1;
+                    if (a.run && qt >= 2 && !a.invariant)
+                        while (e < n_tok && seq[e] == seq[t] && pos[e] == pos[e - 1] + 1) ++e;
+                    if (e - t >= 2) {
+                        for (int s0 = t; s0 < e; s0 += qt) {
+                            tiles.push_back(s0);
+                            tiles.push_back(std::min(qt, e - s0));
                         }
+                    } else {
+                        singles.push_back(t);
+                        singles.push_back(1);
+                    }
+                    t = e;
                 }
-                auto dtiles = std::make_shared<Dev<int32_t>>(tiles.empty() ? std::vector<int32_t>{0} : tiles);
-                const int64_t n_tiles = int64_t(tiles.size() / 2);
-                launch = [=, keep = std::make_pair(dkc, dvc)] {
-                    if (n_tiles > 0)
-                        kn::paged_attention_prefill(ap, dq->p, pk, pv, dpos->p, dseq->p, dtab->p, max_blocks, dtiles->p,
-                                                    n_tiles, dout->p, nullptr);
-                    else
-                        kn::paged_attention(ap, dq->p, pk, pv, dpos->p, dseq->p, dtab->p, max_blocks, n_tok, max_ctx,
-                                            dpart->p, dout->p, nullptr);
+                auto dtiles = std::make_shared<Dev<int32_t>>(tiles.empty() ? std::vector<int32_t>{0, 1} : tiles);
+                auto dsingles = std::make_shared<Dev<int32_t>>(singles.empty() ? std::vector<int32_t>{0, 1} : singles);
+                const int64_t n_tiles = int64_t(tiles.size() / 2), n_singles = int64_t(singles.size() / 2);
+                const bool plain = !a.run;  // decode batches as the graphs run them: items = tokens
+                launch = [=] {
+                    const void *pk = dkc->p, *pv = dvc->p;
+                    if (plain) {
+                        kn::paged_attention(ap, dq->p, pk, pv, dpos->p, dseq->p, dtab->p, max_blocks, nullptr, n_tok, 1,
+                                            max_ctx, dpart->p, part_n, dout->p, nullptr);
+                        return;
+                    }
+                    kn::paged_attention(ap, dq->p, pk, pv, dpos->p, dseq->p, dtab->p, max_blocks, dtiles->p, n_tiles,
+                                        std::max(qt, 1), max_ctx, dpart->p, part_n, dout->p, nullptr);
+                    kn::paged_attention(ap, dq->p, pk, pv, dpos->p, dseq->p, dtab->p, max_blocks, dsingles->p, n_singles,
+                                        1, max_ctx, dpart->p, part_n, dout->p, nullptr);
                 };
                 launch();
-                auto got = dout->get();
-                const double e = std::max(nmse(qgot, qr), nmse(got, want));
+                const auto got = dout->get();
+                const auto kc_got = dkc->get(), vc_got = dvc->get();
+                // The rows written: kv_codec's encoding of the rotated K and V, byte for byte.
+                int64_t bad_rows = 0;
+                {
+                    std::vector<uint8_t> enc(cpu_row), want_row(size_t(row), 0);
+                    for (int t = 0; t < n_tok; ++t)
+                        for (int which = 0; which < 2; ++which) {
+                            const auto& src = which == 0 ? kgot : vgot;
+                            const auto& cache = which == 0 ? kc_got : vc_got;
+                            kv_row_encode(a.kv, &src[size_t(t * n_kvd)], n_kvd, a.hd, enc.data());
+                            std::fill(want_row.begin(), want_row.end(), 0);
+                            to_dev_row(a.kv, enc.data(), a.n_kv, a.hd, want_row.data());
+                            if (std::memcmp(want_row.data(), &cache[size_t(slot[t] * row)], size_t(row)) != 0) ++bad_rows;
+                        }
+                }
+                // Reference attention in F32 over the values the cache holds.
+                auto decode_slot = [&](const std::vector<uint8_t>& cache, int64_t s, float* out) {
+                    std::vector<uint8_t> cpu(cpu_row);
+                    from_dev_row(a.kv, &cache[size_t(s * row)], a.n_kv, a.hd, cpu.data());
+                    kv_row_decode(a.kv, cpu.data(), n_kvd, a.hd, out);
+                };
+                std::vector<float> want(static_cast<size_t>(n_tok * n_q));
+                const float scale = ap.scale;
+                for (int t = 0; t < n_tok; ++t) {
+                    const int n_ctx = pos[t] + 1;
+                    std::vector<float> ks(size_t(n_ctx) * size_t(n_kvd)), vs(size_t(n_ctx) * size_t(n_kvd));
+                    for (int p = 0; p < n_ctx; ++p) {
+                        const int64_t s = int64_t(tables[size_t(seq[t] * max_blocks + p / bs)]) * bs + p % bs;
+                        decode_slot(kc_got, s, &ks[size_t(p) * size_t(n_kvd)]);
+                        decode_slot(vc_got, s, &vs[size_t(p) * size_t(n_kvd)]);
+                    }
+                    std::vector<double> sc(static_cast<size_t>(n_ctx));
+                    for (int h = 0; h < a.n_head; ++h) {
+                        const int kvh = h / (a.n_head / a.n_kv);
+                        double mx = -INFINITY;
+                        for (int p = 0; p < n_ctx; ++p) {
+                            double dot = 0;
+                            for (int i = 0; i < a.hd; ++i)
+                                dot += double(qgot[size_t(t * n_q + h * a.hd + i)]) * ks[size_t(p * n_kvd + kvh * a.hd + i)];
+                            sc[size_t(p)] = dot * scale;
+                            mx = std::max(mx, sc[size_t(p)]);
+                        }
+                        double sum = 0;
+                        for (auto& e : sc) { e = std::exp(e - mx); sum += e; }
+                        for (int i = 0; i < a.hd; ++i) {
+                            double o = 0;
+                            for (int p = 0; p < n_ctx; ++p) o += sc[size_t(p)] * vs[size_t(p * n_kvd + kvh * a.hd + i)];
+                            want[size_t(t * n_q + h * a.hd + i)] = float(o / sum);
+                        }
+                    }
+                }
+                double e = std::max(nmse(qgot, qr) > 1e-10 ? 1.0 : 0.0, nmse(got, want));
+                if (bad_rows > 0) {
+                    std::printf("  %lld cache rows differ from kv_codec's encoding\n", (long long)bad_rows);
+                    e = INFINITY;
+                }
                 double ctx_sum = 0;
                 for (int t = 0; t < n_tok; ++t) ctx_sum += pos[t] + 1;
-                return Result{e, ctx_sum * double(n_kvd) * 2 * (a.f16 ? 2 : 4), 4 * ctx_sum * double(n_q)};
+                return Result{e, ctx_sum * double(row) * 2, 4 * ctx_sum * double(n_q)};
             }});
         }
     }
