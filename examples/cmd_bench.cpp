@@ -603,12 +603,13 @@ json run_batched(const BatchedOptions& bopt, const Options& o, std::shared_ptr<c
 
     // Bandwidth and FLOPs per B: a prompt forward reads the weights once per max_batch_tokens
     // chunk; a decode step reads all weights plus every sequence's context K/V.
-    fmt::print(o.out, "\nachieved (weights + KV read; 2 x params x tokens):\n");
+    fmt::print(o.out, "\nachieved (PP: weights read; TG: weights + KV read; 2 x params x tokens):\n");
     for (size_t i = 0; i < achieved.size(); ++i) {
         const int32_t B = achieved[i].first;
         const double t_pp = achieved[i].second.first["t_pp"], t_tg = achieved[i].second.first["t_tg"];
         const double n_pp_fwd = std::ceil(static_cast<double>(B) * pp / o.max_batch_tokens);
-        const double pp_bytes = cost.weight_bytes * n_pp_fwd + cost.kv_bytes_per_pos * B * pp * (pp + 1) / 2.0;
+        // Prompt K/V is read once per tile of tokens, not per token: only the weights count.
+        const double pp_bytes = cost.weight_bytes * n_pp_fwd;
         const double tg_bytes = cost.weight_bytes * tg + cost.kv_bytes_per_pos * B * (tg * pp + tg * (tg - 1) / 2.0);
         json a;
         a["pp"] = rates(o.out, backend_name, pp_bytes, 2.0 * cost.params * B * pp, t_pp, fmt::format("B={} PP", B).c_str());

@@ -369,7 +369,8 @@ __device__ __forceinline__ void fa_issue(const FaArgs& a, const int32_t* table, 
             }
         }
     } else {
-        // Codes: hd % 16 == 0 (attention_unsupported); the head's scale group: whole words.
+        // Codes in 16-byte vectors (4-byte words for heads of under 16 values); the head's scale
+        // group: whole words.
         const int64_t head = int64_t(gkv) * hd, sc = kv_dev_scales_offset(T, a.p.n_head_kv, hd, gkv);
         uint8_t* sk = dst_k + 2 * k_fa_tile * HD;
         uint8_t* sv = sk + k_fa_tile * k_fa_scale_slot;
@@ -385,9 +386,18 @@ __device__ __forceinline__ void fa_issue(const FaArgs& a, const int32_t* table, 
             const int c = threadIdx.x % VPR;
 #pragma unroll
             for (int j = threadIdx.x / VPR; j < k_fa_tile; j += RS) codes(j, c);
-        } else {
+        } else if (hd % 16 == 0) {
             const int vpr = hd / 16;
             for (int idx = threadIdx.x; idx < k_fa_tile * vpr; idx += 128) codes(idx / vpr, idx % vpr);
+        } else {
+            const int wpr = hd / 4;
+            for (int idx = threadIdx.x; idx < k_fa_tile * wpr; idx += 128) {
+                const int j = idx / wpr, w = idx % wpr, pos = p0 + j;
+                const bool live = pos <= last_pos;
+                const int64_t off = head + 4 * w + (live ? fa_row(a, table, pos) : 0);
+                cp_async4(dst_k + j * HD + 4 * w, a.k + off, live ? 4 : 0);
+                cp_async4(dst_v + j * HD + 4 * w, a.v + off, live ? 4 : 0);
+            }
         }
         const int wpr = int(kv_dev_scale_group_bytes(T, hd)) / 4;
         for (int idx = threadIdx.x; idx < k_fa_tile * wpr; idx += 128) {
@@ -400,33 +410,67 @@ __device__ __forceinline__ void fa_issue(const FaArgs& a, const int32_t* table, 
     }
 }
 
+// Four codes (one word) as F32.
+template <int T>
+__device__ __forceinline__ void fa_codes4(uint32_t w, float* f) {
+    if constexpr (T == KV_DEV_Q8_0) {
+#pragma unroll
+        for (int b = 0; b < 4; ++b) f[b] = float(int8_t(w >> (8 * b)));
+    } else {
+        const float2 lo = __half22float2(__nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(w & 0xffff), __NV_E4M3));
+        const float2 hi = __half22float2(__nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(w >> 16), __NV_E4M3));
+        f[0] = lo.x; f[1] = lo.y; f[2] = hi.x; f[3] = hi.y;
+    }
+}
+
 // Quantized stage -> F16 tile: 16 codes a thread and step, value = code x scale in F32, then F16.
 template <int T, int HD>
 __device__ __forceinline__ void fa_convert(int hd, const uint8_t* raw, const uint8_t* scales, __half* dst) {
+    if (hd % 16 != 0) {
+        // Heads of under 16 values: a word at a time (their one scale).
+        const int wpr = hd / 4;
+        for (int idx = threadIdx.x; idx < k_fa_tile * wpr; idx += 128) {
+            const int j = idx / wpr, c = idx % wpr;
+            const uint8_t* sj = scales + j * k_fa_scale_slot;
+            const float d = T == KV_DEV_Q8_0 ? __half2float(*reinterpret_cast<const __half*>(sj))
+                                             : *reinterpret_cast<const float*>(sj);
+            float f[4];
+            fa_codes4<T>(*reinterpret_cast<const uint32_t*>(raw + j * HD + 4 * c), f);
+            *reinterpret_cast<uint2*>(dst + j * fa_pitch<HD>() + 4 * c) =
+                make_uint2(pack_h2(f[0] * d, f[1] * d), pack_h2(f[2] * d, f[3] * d));
+        }
+        return;
+    }
     const int vpr = hd / 16;
     for (int idx = threadIdx.x; idx < k_fa_tile * vpr; idx += 128) {
         const int j = idx / vpr, c = idx % vpr;
         const uint4 u = *reinterpret_cast<const uint4*>(raw + j * HD + 16 * c);
         const uint8_t* sj = scales + j * k_fa_scale_slot;
-        float d;
-        if constexpr (T == KV_DEV_Q8_0) d = __half2float(reinterpret_cast<const __half*>(sj)[c / 2]);
-        else d = *reinterpret_cast<const float*>(sj);
+        const float d = T == KV_DEV_Q8_0 ? 0.0f : *reinterpret_cast<const float*>(sj);
         const uint32_t w[4] = {u.x, u.y, u.z, u.w};
         uint32_t h[8];
+        if constexpr (T == KV_DEV_Q8_0) {
+            // int8 v -> F16 of 1024 + (v + 128) by a byte permute, minus 1152 (exact), times the
+            // F16 scale: one rounding, as F16(v x d) computed in F32.
+            const __half2 d2 = __half2half2(reinterpret_cast<const __half*>(sj)[c / 2]);
+            const __half2 off = __float2half2_rn(1152.0f);
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            float f[4];
-            if constexpr (T == KV_DEV_Q8_0) {
-#pragma unroll
-                for (int b = 0; b < 4; ++b) f[b] = float(int8_t(w[i] >> (8 * b)));
-            } else {
-                const __half2 lo = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(w[i] & 0xffff), __NV_E4M3);
-                const __half2 hi = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(w[i] >> 16), __NV_E4M3);
-                const float2 a = __half22float2(lo), b = __half22float2(hi);
-                f[0] = a.x; f[1] = a.y; f[2] = b.x; f[3] = b.y;
+            for (int i = 0; i < 4; ++i) {
+                const uint32_t x = w[i] ^ 0x80808080u;
+                const uint32_t lo = __byte_perm(x, 0x64646464u, 0x4140), hi = __byte_perm(x, 0x64646464u, 0x4342);
+                const __half2 a = __hmul2(__hsub2(*reinterpret_cast<const __half2*>(&lo), off), d2);
+                const __half2 b = __hmul2(__hsub2(*reinterpret_cast<const __half2*>(&hi), off), d2);
+                h[2 * i] = *reinterpret_cast<const uint32_t*>(&a);
+                h[2 * i + 1] = *reinterpret_cast<const uint32_t*>(&b);
             }
-            h[2 * i] = pack_h2(f[0] * d, f[1] * d);
-            h[2 * i + 1] = pack_h2(f[2] * d, f[3] * d);
+        } else {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                float f[4];
+                fa_codes4<T>(w[i], f);
+                h[2 * i] = pack_h2(f[0] * d, f[1] * d);
+                h[2 * i + 1] = pack_h2(f[2] * d, f[3] * d);
+            }
         }
         uint4* o = reinterpret_cast<uint4*>(dst + j * fa_pitch<HD>() + 16 * c);
         o[0] = make_uint4(h[0], h[1], h[2], h[3]);
@@ -802,10 +846,11 @@ const char* attention_unsupported(const AttentionParams& p) {
             return nullptr;
         case KV_DEV_F16: break;
         case KV_DEV_Q8_0:
-            if (p.head_dim % 32 != 0) return "a head size that is a multiple of 32 for a q8_0 cache";
+            if (p.head_dim % 32 != 0 && (p.head_dim > 32 || 32 % p.head_dim != 0 || p.head_dim % 4 != 0))
+                return "a head size that is a multiple of 32, or 4, 8 or 16, for a q8_0 cache";
             break;
         case KV_DEV_FP8:
-            if (p.head_dim % 16 != 0) return "a head size that is a multiple of 16 for an fp8 cache";
+            if (p.head_dim % 4 != 0) return "a head size that is a multiple of 4 for an fp8 cache";
             break;
         default: return "a known KV cache type";
     }

@@ -22,7 +22,8 @@ struct AttentionParams {
     bool batch_invariant = false;
 };
 
-// Whether the KV type and head geometry can run (q8_0 needs head_dim % 32 == 0, fp8 % 16).
+// Whether the KV type and head geometry can run (q8_0: head_dim a multiple of 32, or 4, 8, 16;
+// fp8: a multiple of 4).
 // Returns nullptr or what is missing.
 const char* attention_unsupported(const AttentionParams& p);
 

@@ -5,7 +5,8 @@
 //   f32, f16  the values in order (row stride n_kv values)
 //   q8_0      n_kv int8 codes, then per KV head its F16 scales, one per 32 values (llama.cpp's
 //             blocks of 32, its rounding), padded to an even count so that every head's group
-//             is whole 4-byte words; the row padded to 16 bytes (head_dim % 32 == 0)
+//             is whole 4-byte words (heads of under 32 values, 32 % head_dim == 0, each hold a
+//             copy of their block's scale); the row padded to 16 bytes
 //   fp8       n_kv E4M3 codes, then one F32 scale per KV head, the row padded to 16 bytes
 #include <cstdint>
 
@@ -21,7 +22,9 @@ enum KvDevType : int32_t { KV_DEV_F32 = 0, KV_DEV_F16 = 1, KV_DEV_Q8_0 = 2, KV_D
 
 // Bytes of one KV head's scales (q8_0, fp8), a multiple of 4.
 COINFER_KV_HD inline int64_t kv_dev_scale_group_bytes(int32_t type, int64_t head_dim) {
-    return type == KV_DEV_Q8_0 ? (head_dim / 32 + 1) / 2 * 4 : type == KV_DEV_FP8 ? 4 : 0;
+    // q8_0 heads under 32 values share their block's scale: each head keeps a copy.
+    const int64_t n_scales = head_dim >= 32 ? head_dim / 32 : 1;
+    return type == KV_DEV_Q8_0 ? (n_scales + 1) / 2 * 4 : type == KV_DEV_FP8 ? 4 : 0;
 }
 
 // Bytes from one row to the next.

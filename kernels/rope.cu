@@ -79,8 +79,8 @@ __global__ void rope_kv_kernel(RopeParams p, float* __restrict__ q, float* __res
 }
 
 // Grid (token, K or V): one token's rotated K or biased V row into its quantized cache slot
-// (kv_layout.h), with kv_codec.cpp's arithmetic. One warp per 32-value block (q8_0, head_dim
-// % 32 == 0) or per head (fp8).
+// (kv_layout.h), with kv_codec.cpp's arithmetic. One warp per 32-value block (q8_0) or per head
+// (fp8).
 template <int32_t T>
 __global__ void kv_quant_kernel(int32_t n_head_kv, int32_t head_dim, int32_t row_stride, const float* __restrict__ k,
                                 const float* __restrict__ v, const int32_t* __restrict__ slots,
@@ -99,9 +99,15 @@ __global__ void kv_quant_kernel(int32_t n_head_kv, int32_t head_dim, int32_t row
             const float d = amax / 127.0f;
             const float id = d != 0.0f ? 1.0f / d : 0.0f;
             dst[32 * b + lane] = uint8_t(int8_t(roundf(xv * id)));
-            if (lane == 0) {
-                const int h = 32 * b / head_dim, bb = b % (head_dim / 32);
-                reinterpret_cast<__half*>(dst + kv_dev_scales_offset(T, n_head_kv, head_dim, h))[bb] = __float2half_rn(d);
+            if (head_dim >= 32) {
+                if (lane == 0) {
+                    const int h = 32 * b / head_dim, bb = b % (head_dim / 32);
+                    reinterpret_cast<__half*>(dst + kv_dev_scales_offset(T, n_head_kv, head_dim, h))[bb] =
+                        __float2half_rn(d);
+                }
+            } else if (lane < 32 / head_dim) {  // every head of the block gets the scale
+                const int h = 32 * b / head_dim + lane;
+                *reinterpret_cast<__half*>(dst + kv_dev_scales_offset(T, n_head_kv, head_dim, h)) = __float2half_rn(d);
             }
         }
     } else {

@@ -394,6 +394,9 @@ std::vector<Case> make_cases(int n_threads) {
     const AttnShape attn_shapes[] = {
         {8, 4, 8, 8, false, {1, 5, 40}, 3, F16},                  // stories260K
         {8, 4, 8, 8, false, {1, 5, 40}, 3, F32},
+        {8, 4, 8, 8, false, {1, 5, 40}, 3, Q8},                   // heads of under 32 values share a q8_0 block
+        {8, 4, 8, 8, false, {1, 40}, 3, FP8},
+        {4, 2, 16, 16, false, {1, 70}, 3, Q8},
         {4, 2, 64, 64, false, {1, 17, 300}, 4, F32},              // quant-base, F32 KV
         {32, 4, 64, 64, false, {1, 100, 1000, 32768}, 4, F16},    // TinyLlama (GQA 8)
         {32, 4, 64, 64, false, {1, 100, 4096}, 8, Q8},
@@ -423,14 +426,18 @@ std::vector<Case> make_cases(int n_threads) {
         {32, 32, 128, 128, false, {256, 1000}, 200, F16, 100},
         {32, 32, 128, 128, false, {1000}, 200, Q8, 100},
         {8, 4, 8, 8, false, {40}, 30, F16, 10},
+        {8, 4, 8, 8, false, {40}, 30, Q8, 10},
     };
     // One row of n_kv values as the GPU stores it (kernels/kv_layout.h) from kv_codec's bytes.
     auto to_dev_row = [](KvType t, const uint8_t* cpu, int n_kvh, int hd, uint8_t* dev) {
         const int n_kv = n_kvh * hd;
         if (t == KV_TYPE_Q8_0) {
             for (int b = 0; b < n_kv / 32; ++b) {
-                const int64_t sc = kn::kv_dev_scales_offset(kn::KV_DEV_Q8_0, n_kvh, hd, 32 * b / hd) + 2 * (b % (hd / 32));
-                std::memcpy(dev + sc, cpu + 34 * b, 2);
+                // Heads of under 32 values each hold a copy of their block's scale.
+                for (int h = 32 * b / hd; h < std::max(32 * b / hd + 1, 32 * (b + 1) / hd); ++h) {
+                    const int64_t sc = kn::kv_dev_scales_offset(kn::KV_DEV_Q8_0, n_kvh, hd, h) + (hd >= 32 ? 2 * (b % (hd / 32)) : 0);
+                    std::memcpy(dev + sc, cpu + 34 * b, 2);
+                }
                 std::memcpy(dev + 32 * b, cpu + 34 * b + 2, 32);
             }
         } else if (t == KV_TYPE_FP8) {
@@ -446,7 +453,7 @@ std::vector<Case> make_cases(int n_threads) {
         const int n_kv = n_kvh * hd;
         if (t == KV_TYPE_Q8_0) {
             for (int b = 0; b < n_kv / 32; ++b) {
-                const int64_t sc = kn::kv_dev_scales_offset(kn::KV_DEV_Q8_0, n_kvh, hd, 32 * b / hd) + 2 * (b % (hd / 32));
+                const int64_t sc = kn::kv_dev_scales_offset(kn::KV_DEV_Q8_0, n_kvh, hd, 32 * b / hd) + (hd >= 32 ? 2 * (b % (hd / 32)) : 0);
                 std::memcpy(cpu + 34 * b, dev + sc, 2);
                 std::memcpy(cpu + 34 * b + 2, dev + 32 * b, 32);
             }
