@@ -483,7 +483,9 @@ json run_batched(const BatchedOptions& bopt, const Options& o, std::shared_ptr<c
     BackendOptions bo;
     bo.n_threads = o.n_threads;
     const int32_t blocks_per_seq = static_cast<int32_t>((pp + tg + bo.block_size - 1) / bo.block_size);
-    bo.n_blocks = o.kv_blocks > 0 ? o.kv_blocks : max_b * blocks_per_seq + 1;  // +1: the warm-up
+    // cuda without --kv-blocks: the pool the device memory allows (batches it cannot hold are
+    // reported skipped); cpu: just enough for the largest batch (+1: the warm-up).
+    bo.n_blocks = o.kv_blocks > 0 ? o.kv_blocks : o.device != "cpu" && cuda_device_available() ? 0 : max_b * blocks_per_seq + 1;
     bo.batch_invariant = o.batch_invariant;
     bo.kv_type = o.kv_type;
     auto backend = open_backend(o, model, bo);

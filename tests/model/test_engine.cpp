@@ -55,6 +55,17 @@ KvType test_kv_type() {
     return t && *t ? kv_type_from_name(t) : KV_TYPE_AUTO;
 }
 
+// The reference backend: the CPU, or COINFER_TEST_REF_DEVICE=cuda, batch-invariant as the
+// engine under test is.
+std::unique_ptr<Backend> reference_backend(const std::shared_ptr<const Model>& model, int32_t n_blocks) {
+    BackendOptions bo;
+    bo.n_blocks = n_blocks;
+    bo.kv_type = test_kv_type();
+    bo.batch_invariant = true;
+    const char* ref_dev = std::getenv("COINFER_TEST_REF_DEVICE");
+    return ref_dev && std::string(ref_dev) == "cuda" ? make_cuda_backend(model, bo) : make_cpu_backend(model, bo);
+}
+
 // Greedy ids of each prompt run alone through the reference path, 64 tokens; a request with
 // max_tokens m must give the first m (fewer if EOS comes first).
 const std::vector<TokenId>& reference(const std::vector<TokenId>& prompt_ids) {
@@ -62,11 +73,7 @@ const std::vector<TokenId>& reference(const std::vector<TokenId>& prompt_ids) {
     auto it = cache.find(prompt_ids);
     if (it != cache.end()) return it->second;
     auto model = stories();
-    BackendOptions bo;
-    bo.n_blocks = 16;
-    bo.kv_type = test_kv_type();
-    const char* ref_dev = std::getenv("COINFER_TEST_REF_DEVICE");
-    auto backend = ref_dev && std::string(ref_dev) == "cuda" ? make_cuda_backend(model, bo) : make_cpu_backend(model, bo);
+    auto backend = reference_backend(model, 16);
     KvBlockPool pool(backend->n_blocks(), backend->block_size());
     GenerateOptions g;
     g.max_tokens = 64;
@@ -520,10 +527,7 @@ TEST_CASE("stop strings that hit mid-stream, with the next step already in fligh
         Request req;
         GenerateResult want;
     };
-    BackendOptions bo;
-    bo.n_blocks = 16;
-    bo.kv_type = test_kv_type();
-    auto ref_backend = make_cpu_backend(model, bo);
+    auto ref_backend = reference_backend(model, 16);
     KvBlockPool ref_pool(ref_backend->n_blocks(), ref_backend->block_size());
     auto run_ref = [&](const Request& r) {
         GenerateOptions g;
