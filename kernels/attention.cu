@@ -293,6 +293,13 @@ constexpr int fa_smem_bytes() {
     return body > fa_epilogue_bytes<HD>() ? body : fa_epilogue_bytes<HD>();
 }
 
+// 2^x by the SFU (ex2.approx: 2 ulp; tiny results flush to zero, which a softmax weight may).
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
 struct FaArgs {
     AttentionParams p;
     const float* q;
@@ -541,8 +548,13 @@ __global__ void __launch_bounds__(128) flash_kernel(FaArgs a) {
             }
         }
     }
+    // The warp's last visible position, and the first of its rows' last (idle rows aside).
     int warp_max_pos = max(row_pos[0], row_pos[1]);
-    for (int off = 16; off > 0; off >>= 1) warp_max_pos = max(warp_max_pos, __shfl_xor_sync(0xffffffffu, warp_max_pos, off));
+    int warp_min_pos = min(row_pos[0] < 0 ? INT32_MAX : row_pos[0], row_pos[1] < 0 ? INT32_MAX : row_pos[1]);
+    for (int off = 16; off > 0; off >>= 1) {
+        warp_max_pos = max(warp_max_pos, __shfl_xor_sync(0xffffffffu, warp_max_pos, off));
+        warp_min_pos = min(warp_min_pos, __shfl_xor_sync(0xffffffffu, warp_min_pos, off));
+    }
 
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
     float o[DT][4];
@@ -595,14 +607,16 @@ __global__ void __launch_bounds__(128) flash_kernel(FaArgs a) {
                     mma16816(sc[2 * n2 + 1], qa[kk], b[2], b[3]);
                 }
             }
-            // Causal mask, online softmax (rows gq: elements 0, 1; gq + 8: elements 2, 3).
+            // Causal mask (only where the warp's positions pass one of its rows' last), online
+            // softmax (rows gq: elements 0, 1; gq + 8: elements 2, 3).
+            const bool masked = base + TPW - 1 > warp_min_pos;
             float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
             for (int n = 0; n < NT; ++n)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int pos = base + 8 * n + 2 * tq + (e & 1);
-                    if (pos > row_pos[e >> 1]) sc[n][e] = -INFINITY;
+                    if (masked && pos > row_pos[e >> 1]) sc[n][e] = -INFINITY;
                     mx[e >> 1] = fmaxf(mx[e >> 1], sc[n][e]);
                 }
             float alpha[2];
@@ -611,7 +625,7 @@ __global__ void __launch_bounds__(128) flash_kernel(FaArgs a) {
                 mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
                 mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
                 const float m_new = fmaxf(m[h], mx[h]);
-                alpha[h] = m_new == -INFINITY ? 1.0f : exp2f(m[h] - m_new);
+                alpha[h] = m_new == -INFINITY ? 1.0f : fast_exp2(m[h] - m_new);
                 m[h] = m_new;
             }
             float sum[2] = {0.0f, 0.0f};
@@ -620,18 +634,21 @@ __global__ void __launch_bounds__(128) flash_kernel(FaArgs a) {
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const float mh = m[e >> 1];
-                    const float pe = mh == -INFINITY ? 0.0f : exp2f(sc[n][e] - mh);
+                    const float pe = mh == -INFINITY ? 0.0f : fast_exp2(sc[n][e] - mh);
                     sc[n][e] = pe;
                     sum[e >> 1] += pe;
                 }
 #pragma unroll
             for (int h = 0; h < 2; ++h) l[h] = l[h] * alpha[h] + sum[h];
+            // Most tiles leave every row's maximum where it was: no rescale then.
+            if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
 #pragma unroll
-            for (int d = 0; d < DT; ++d) {
-                o[d][0] *= alpha[0];
-                o[d][1] *= alpha[0];
-                o[d][2] *= alpha[1];
-                o[d][3] *= alpha[1];
+                for (int d = 0; d < DT; ++d) {
+                    o[d][0] *= alpha[0];
+                    o[d][1] *= alpha[0];
+                    o[d][2] *= alpha[1];
+                    o[d][3] *= alpha[1];
+                }
             }
             // O += P V, P from the score registers (C fragment -> A fragment).
 #pragma unroll
