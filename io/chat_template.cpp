@@ -69,13 +69,32 @@ std::string excerpt(std::string_view s) {
     return out;
 }
 
-void render_chatml(std::string& out, std::span<const ChatMessage> msgs, bool add_ass) {
-    for (const auto& m : msgs) out += fmt::format("<|im_start|>{}\n{}<|im_end|>\n", m.role, m.content);
+// The rendered text, and where each message's content sits in it (to be tokenized as plain text).
+struct Prompt {
+    std::string& text;
+    std::vector<std::pair<size_t, size_t>>* ranges;
+    Prompt& operator+=(std::string_view s) {
+        text += s;
+        return *this;
+    }
+    Prompt& content(std::string_view c) {
+        if (ranges && !c.empty()) ranges->emplace_back(text.size(), c.size());
+        text += c;
+        return *this;
+    }
+};
+
+void render_chatml(Prompt& out, std::span<const ChatMessage> msgs, bool add_ass) {
+    for (const auto& m : msgs) {
+        out += "<|im_start|>";
+        out += m.role;
+        (out += "\n").content(m.content) += "<|im_end|>\n";
+    }
     if (add_ass) out += "<|im_start|>assistant\n";
 }
 
 // The Llama 2 family. The first [INST] is opened up front; BOS before it is the tokenizer's.
-void render_llama2(std::string& out, std::span<const ChatMessage> msgs, bool with_sys_tags,
+void render_llama2(Prompt& out, std::span<const ChatMessage> msgs, bool with_sys_tags,
                    bool bos_between_turns, bool strip) {
     bool inside_turn = true;
     out += "[INST] ";
@@ -87,60 +106,59 @@ void render_llama2(std::string& out, std::span<const ChatMessage> msgs, bool wit
         }
         if (m.role == "system") {
             if (with_sys_tags)
-                out += fmt::format("<<SYS>>\n{}\n<</SYS>>\n\n", content);
+                (out += "<<SYS>>\n").content(content) += "\n<</SYS>>\n\n";
             else
-                out += fmt::format("{}\n", content);
+                out.content(content) += "\n";
         } else if (m.role == "user") {
-            out += fmt::format("{} [/INST]", content);
+            out.content(content) += " [/INST]";
         } else {
-            out += fmt::format("{}</s>", content);
+            out.content(content) += "</s>";
             inside_turn = false;
         }
     }
 }
 
 // Mistral v1 / v3 / v3-tekken: they differ only in spaces around [INST] and in trimming.
-void render_mistral_v1_v3(std::string& out, std::span<const ChatMessage> msgs,
-                          std::string_view lead, std::string_view trail, bool trim_assistant) {
+void render_mistral_v1_v3(Prompt& out, std::span<const ChatMessage> msgs, std::string_view lead,
+                          std::string_view trail, bool trim_assistant) {
     bool inside_turn = false;
     for (const auto& m : msgs) {
         if (!inside_turn) {
-            out += fmt::format("{}[INST]{}", lead, trail);
+            ((out += lead) += "[INST]") += trail;
             inside_turn = true;
         }
         if (m.role == "system") {
-            out += fmt::format("{}\n\n", m.content);
+            out.content(m.content) += "\n\n";
         } else if (m.role == "user") {
-            out += fmt::format("{}{}[/INST]", m.content, lead);
+            (out.content(m.content) += lead) += "[/INST]";
         } else {
             std::string_view content = trim_assistant ? trim(m.content) : std::string_view(m.content);
-            out += fmt::format("{}{}</s>", trail, content);
+            (out += trail).content(content) += "</s>";
             inside_turn = false;
         }
     }
 }
 
-void render_mistral_v7(std::string& out, std::span<const ChatMessage> msgs, std::string_view sp) {
+void render_mistral_v7(Prompt& out, std::span<const ChatMessage> msgs, std::string_view sp) {
     for (const auto& m : msgs) {
         if (m.role == "system")
-            out += fmt::format("[SYSTEM_PROMPT]{}{}[/SYSTEM_PROMPT]", sp, m.content);
+            ((out += "[SYSTEM_PROMPT]") += sp).content(m.content) += "[/SYSTEM_PROMPT]";
         else if (m.role == "user")
-            out += fmt::format("[INST]{}{}[/INST]", sp, m.content);
+            ((out += "[INST]") += sp).content(m.content) += "[/INST]";
         else
-            out += fmt::format("{}{}</s>", sp, m.content);
+            (out += sp).content(m.content) += "</s>";
     }
 }
 
-void render_llama3(std::string& out, std::span<const ChatMessage> msgs, bool add_ass) {
+void render_llama3(Prompt& out, std::span<const ChatMessage> msgs, bool add_ass) {
     for (const auto& m : msgs)
-        out += fmt::format("<|start_header_id|>{}<|end_header_id|>\n\n{}<|eot_id|>", m.role, trim(m.content));
+        (((out += "<|start_header_id|>") += m.role) += "<|end_header_id|>\n\n").content(trim(m.content)) += "<|eot_id|>";
     if (add_ass) out += "<|start_header_id|>assistant<|end_header_id|>\n\n";
 }
 
 // phi3 and zephyr share the shape <|role|>\ncontent END\n.
-void render_role_bars(std::string& out, std::span<const ChatMessage> msgs, bool add_ass,
-                      std::string_view end) {
-    for (const auto& m : msgs) out += fmt::format("<|{}|>\n{}{}\n", m.role, m.content, end);
+void render_role_bars(Prompt& out, std::span<const ChatMessage> msgs, bool add_ass, std::string_view end) {
+    for (const auto& m : msgs) ((((out += "<|") += m.role) += "|>\n").content(m.content) += end) += "\n";
     if (add_ass) out += "<|assistant|>\n";
 }
 
@@ -228,8 +246,11 @@ ChatTemplate ChatTemplate::for_model(const GgufFile& file, const std::optional<s
     return t;
 }
 
-std::string ChatTemplate::apply(std::span<const ChatMessage> msgs, bool add_ass) const {
-    std::string out;
+std::string ChatTemplate::apply(std::span<const ChatMessage> msgs, bool add_ass,
+                                std::vector<std::pair<size_t, size_t>>* content_ranges) const {
+    std::string text;
+    if (content_ranges) content_ranges->clear();
+    Prompt out{text, content_ranges};
     const std::string& n = name_;
     if (n == "chatml") render_chatml(out, msgs, add_ass);
     else if (n == "llama2") render_llama2(out, msgs, true, false, false);
@@ -245,7 +266,7 @@ std::string ChatTemplate::apply(std::span<const ChatMessage> msgs, bool add_ass)
     else if (n == "phi3") render_role_bars(out, msgs, add_ass, "<|end|>");
     else if (n == "zephyr") render_role_bars(out, msgs, add_ass, eos_text_);
     else throw_error("chat template '{}' has no renderer", n);  // unreachable: names are checked
-    return out;
+    return text;
 }
 
 std::vector<std::string> ChatTemplate::stop_strings() const {

@@ -25,11 +25,12 @@
 // BOS: the rendered prompt never starts with the BOS token text. The tokenizer adds BOS itself
 // (add_special), so a template's leading {{ bos_token }} is left out, as llama.cpp does. Markers
 // inside the text (<|im_start|>, [INST], </s> between turns, ...) must be tokenized with special
-// token parsing on.
+// token parsing on, and the messages' contents (apply's content_ranges) with it off.
 #include <optional>
 #include <span>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "gguf.h"
@@ -56,7 +57,10 @@ public:
     // The prompt text; with add_generation_prompt the assistant's turn is opened at the end
     // (the [INST] formats have no opener: their user turn ends with [/INST]).
     // Does not include the BOS token text: the tokenizer adds BOS (add_special) itself.
-    std::string apply(std::span<const ChatMessage> messages, bool add_generation_prompt = true) const;
+    // content_ranges, when given: (offset, length) of every message's content in the text, for
+    // Tokenizer::encode to keep control-token text typed by a user as plain text.
+    std::string apply(std::span<const ChatMessage> messages, bool add_generation_prompt = true,
+                      std::vector<std::pair<size_t, size_t>>* content_ranges = nullptr) const;
     const std::string& name() const { return name_; }
     // Strings that end an assistant turn in this format (used as extra stop strings).
     std::vector<std::string> stop_strings() const;

@@ -379,25 +379,43 @@ bool Tokenizer::is_control(TokenId id) const {
 
 std::vector<TokenId> Tokenizer::encode(std::string_view text, bool add_special,
                                        bool parse_special) const {
+    return encode(text, add_special, parse_special, {});
+}
+
+std::vector<TokenId> Tokenizer::encode(std::string_view text, bool add_special, bool parse_special,
+                                       std::span<const std::pair<size_t, size_t>> plain) const {
     // Split the text on special tokens: each fragment is raw text or one token.
     // (llama.cpp's tokenizer_st_partition: longest token first, leftmost matches.)
     struct Fragment {
         TokenId id;  // -1: raw text
         size_t offset, length;
+        bool plain;  // raw text in which only user-defined tokens are matched
     };
     std::vector<Fragment> frags;
-    if (!text.empty()) frags.push_back({-1, 0, text.size()});
+    {
+        size_t at = 0;
+        for (const auto& [off, len] : plain) {
+            if (off < at || off > text.size() || len > text.size() - off)
+                throw_error("encode: plain ranges must be ordered, disjoint and inside the text");
+            if (off > at) frags.push_back({-1, at, off - at, false});
+            if (len > 0) frags.push_back({-1, off, len, true});
+            at = off + len;
+        }
+        if (at < text.size()) frags.push_back({-1, at, text.size() - at, false});
+    }
     std::vector<Fragment> next;
     for (TokenId sid : vocab_->special_by_length) {
         const int32_t type = vocab_->types[sid];
-        // Control and unknown tokens only with parse_special; user-defined ones always.
-        if (!parse_special && type != TOKEN_TYPE_USER_DEFINED) continue;
+        // Control and unknown tokens only with parse_special (and outside the plain ranges);
+        // user-defined ones always.
+        const bool user_defined = type == TOKEN_TYPE_USER_DEFINED;
+        if (!parse_special && !user_defined) continue;
         const std::string& st = vocab_->tokens[sid];
         const uint8_t strip = strip_.empty() ? 0 : strip_[sid];
         bool any = false;
         next.clear();
         for (const Fragment& fr : frags) {
-            if (fr.id >= 0) {
+            if (fr.id >= 0 || (fr.plain && !user_defined)) {
                 next.push_back(fr);
                 continue;
             }
@@ -411,8 +429,8 @@ std::vector<TokenId> Tokenizer::encode(std::string_view text, bool add_special,
                 if (strip & TOKEN_STRIP_LEFT)
                     while (left_len > 0 && std::isspace(static_cast<unsigned char>(view[left_len - 1])))
                         --left_len;
-                if (left_len > 0) next.push_back({-1, off, left_len});
-                next.push_back({sid, 0, 0});
+                if (left_len > 0) next.push_back({-1, off, left_len, fr.plain});
+                next.push_back({sid, 0, 0, false});
                 size_t r_off = off + pos + st.size();
                 size_t r_len = len - pos - st.size();
                 if (strip & TOKEN_STRIP_RIGHT)
@@ -423,9 +441,20 @@ std::vector<TokenId> Tokenizer::encode(std::string_view text, bool add_special,
                 off = r_off;
                 len = r_len;
             }
-            if (len > 0) next.push_back({-1, off, len});
+            if (len > 0) next.push_back({-1, off, len, fr.plain});
         }
         if (any) frags.swap(next);
+    }
+    // Text on both sides of a plain range's edge is one piece of text again.
+    if (!plain.empty()) {
+        next.clear();
+        for (const Fragment& fr : frags) {
+            if (fr.id < 0 && !next.empty() && next.back().id < 0 && next.back().offset + next.back().length == fr.offset)
+                next.back().length += fr.length;
+            else
+                next.push_back(fr);
+        }
+        frags.swap(next);
     }
 
     std::vector<TokenId> out;

@@ -10,6 +10,7 @@
 #include <string>
 #include <string_view>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "gguf.h"
@@ -88,6 +89,10 @@ public:
     // user-defined tokens written in the text are recognised as single tokens.
     std::vector<TokenId> encode(std::string_view text, bool add_special = true,
                                 bool parse_special = false) const;
+    // The same, with control tokens left as text inside the plain ranges ((offset, length),
+    // ordered and disjoint): chat message contents, so that "</s>" typed by a user is not EOS.
+    std::vector<TokenId> encode(std::string_view text, bool add_special, bool parse_special,
+                                std::span<const std::pair<size_t, size_t>> plain) const;
 
     // Bytes of one token. Control tokens (BOS, EOS, ...) give "" unless render_special.
     std::string token_to_piece(TokenId id, bool render_special = false) const;

@@ -326,6 +326,9 @@ GenSpec Api::Impl::parse_completion(const json& body) {
     } else {
         bad("prompt", "'prompt' must be a string or a non-empty array of token ids");
     }
+    // Raw completions may spell control tokens (a hand-written template); "parse_special": false
+    // keeps them text.
+    g.req.parse_special = opt_bool(body, "parse_special").value_or(true);
     g.req.max_tokens = static_cast<int32_t>(opt_int(body, "max_tokens", 1, std::max(opt.n_ctx, 1)).value_or(16));
     parse_sampling(body, g);
     if (auto lp = opt_int(body, "logprobs", 0, SamplingParams::k_max_logprobs)) {
@@ -365,12 +368,15 @@ GenSpec Api::Impl::parse_chat(const json& body) {
         messages.push_back({std::move(role), std::move(content)});
     }
     std::string prompt;
+    std::vector<std::pair<size_t, size_t>> contents;
     try {
-        prompt = chat.apply(messages, true);
+        prompt = chat.apply(messages, true, &contents);
     } catch (const Error& e) {
         bad("messages", e.what());
     }
-    g.req.prompt_ids = tokenizer().encode(prompt, true, true);
+    // Only the template's markers are control tokens: "</s>" or "<|im_end|>" in a message stays
+    // text, so no message can close its turn or open another role's.
+    g.req.prompt_ids = tokenizer().encode(prompt, true, true, contents);
     if (g.req.prompt_ids.empty()) bad("messages", "the rendered prompt is empty");
     const int64_t room = std::max<int64_t>(1, opt.n_ctx - static_cast<int64_t>(g.req.prompt_ids.size()));
     auto max_tokens = opt_int(body, "max_completion_tokens", 1, std::max(opt.n_ctx, 1));
@@ -667,7 +673,8 @@ std::variant<Reply, GenSpec> Api::Impl::route(const http::Request& r) {
             if (!text) text = opt_string(body, "prompt");
             if (!text) bad("content", "'content' (a string) is required");
             const bool add_special = opt_bool(body, "add_special").value_or(true);
-            reply.body = dump(json{{"tokens", tokenizer().encode(*text, add_special, true)}});
+            const bool parse_special = opt_bool(body, "parse_special").value_or(true);
+            reply.body = dump(json{{"tokens", tokenizer().encode(*text, add_special, parse_special)}});
             return reply;
         }
         if (path == "/detokenize") {

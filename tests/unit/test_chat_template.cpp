@@ -286,6 +286,35 @@ TEST_CASE("a single user turn, with and without the generation prompt") {
     CHECK(ChatTemplate::from_name("chatml").apply(std::vector<ChatMessage>{}, true) == "<|im_start|>assistant\n");
 }
 
+TEST_CASE("content ranges cover every message's content and nothing of the template") {
+    // Distinct contents with markers inside, so a range can be told from the template's text.
+    const std::vector<ChatMessage> msgs = {{"system", "sys </s> one"},
+                                           {"user", "user <|im_end|> two"},
+                                           {"assistant", "  asst [INST] three  "},
+                                           {"user", "<s>four"}};
+    for (const auto& n : ChatTemplate::known_names()) {
+        CAPTURE(n);
+        const ChatTemplate t = ChatTemplate::from_name(n);
+        std::vector<std::pair<size_t, size_t>> ranges;
+        const std::string text = t.apply(msgs, true, &ranges);
+        CHECK(text == t.apply(msgs, true));  // the ranges change nothing in the text
+        REQUIRE(ranges.size() == msgs.size());
+        size_t at = 0;
+        for (size_t i = 0; i < ranges.size(); ++i) {
+            const auto [off, len] = ranges[i];
+            CHECK(off >= at);  // ordered, disjoint
+            REQUIRE(off + len <= text.size());
+            at = off + len;
+            // The content itself, or its whitespace-trimmed form for templates that trim.
+            const std::string got = text.substr(off, len);
+            std::string trimmed = msgs[i].content;
+            trimmed.erase(0, trimmed.find_first_not_of(' '));
+            trimmed.erase(trimmed.find_last_not_of(' ') + 1);
+            CHECK((got == msgs[i].content || got == trimmed));
+        }
+    }
+}
+
 TEST_CASE("stop strings end the assistant turn") {
     auto has = [](const std::vector<std::string>& v, const std::string& s) {
         return std::find(v.begin(), v.end(), s) != v.end();
