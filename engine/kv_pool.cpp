@@ -1,5 +1,6 @@
 #include "kv_pool.h"
 
+#include <algorithm>
 #include <cassert>
 
 #include "io/error.h"
@@ -49,6 +50,7 @@ void KvBlockPool::drop_hash(int32_t id) {
     auto it = by_hash_.find(b.hash);
     if (it != by_hash_.end() && it->second == id) by_hash_.erase(it);
     b.has_hash = false;
+    ++b.gen;  // blocks that named this one as their parent no longer match
 }
 
 std::optional<int32_t> KvBlockPool::kv_block_alloc() {
@@ -99,14 +101,30 @@ void KvBlockPool::kv_block_free_seq(std::span<const int32_t> ids) {
     for (auto it = ids.rbegin(); it != ids.rend(); ++it) kv_block_free(*it);
 }
 
-void KvBlockPool::kv_block_set_hash(int32_t id, uint64_t hash) {
+void KvBlockPool::kv_block_set_hash(int32_t id, uint64_t hash, int32_t parent, std::span<const int32_t> tokens) {
     assert(id >= 0 && id < n_blocks_ && blocks_[id].ref_count > 0);
+    assert(parent >= -1 && parent < n_blocks_);
     Block& b = blocks_[id];
     drop_hash(id);
+    // A block already cached under this hash stays the findable one (the same content, or a
+    // collision that kv_block_match tells apart).
     auto [it, inserted] = by_hash_.try_emplace(hash, id);
-    if (!inserted) return;  // an identical block is already cached; keep that one findable
+    if (!inserted) return;
     b.has_hash = true;
     b.hash = hash;
+    b.parent = parent;
+    b.parent_gen = parent >= 0 ? blocks_[parent].gen : 0;
+    b.tokens.assign(tokens.begin(), tokens.end());
+}
+
+std::optional<int32_t> KvBlockPool::kv_block_match(uint64_t hash, int32_t parent, std::span<const int32_t> tokens) const {
+    auto it = by_hash_.find(hash);
+    if (it == by_hash_.end()) return std::nullopt;
+    const Block& b = blocks_[it->second];
+    if (b.parent != parent) return std::nullopt;
+    if (parent >= 0 && (!blocks_[parent].has_hash || blocks_[parent].gen != b.parent_gen)) return std::nullopt;
+    if (!std::equal(b.tokens.begin(), b.tokens.end(), tokens.begin(), tokens.end())) return std::nullopt;
+    return it->second;
 }
 
 void KvBlockPool::kv_block_drop_hash(int32_t id) {

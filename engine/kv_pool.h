@@ -35,9 +35,14 @@ public:
     // Frees a sequence's blocks in reverse order, so its tail is evicted before its prefix.
     void kv_block_free_seq(std::span<const int32_t> ids);
 
-    // Prefix cache: a full block's content hash.
-    void kv_block_set_hash(int32_t id, uint64_t hash);
+    // Prefix cache: a full block's content hash, and what it must match besides the hash: the
+    // block before it in its sequence (-1: the first) and its tokens. A hash alone is not
+    // trusted (64 bits, not collision-resistant against a chosen prompt).
+    void kv_block_set_hash(int32_t id, uint64_t hash, int32_t parent = -1, std::span<const int32_t> tokens = {});
     std::optional<int32_t> kv_block_lookup(uint64_t hash) const;
+    // The cached block of that hash whose parent is `parent` (as it is now: not reused since)
+    // and whose tokens are `tokens`; nullopt otherwise.
+    std::optional<int32_t> kv_block_match(uint64_t hash, int32_t parent, std::span<const int32_t> tokens) const;
     // Forgets a block's hash (its K/V turned out not to be valid). A free block then counts as
     // plain free and moves to the head of the free list, to be handed out first.
     void kv_block_drop_hash(int32_t id);
@@ -48,6 +53,10 @@ private:
         int32_t ref_count = 0;
         bool has_hash = false;
         uint64_t hash = 0;
+        uint32_t gen = 0;             // bumped whenever the block's content identity ends
+        int32_t parent = -1;          // identity: the block before it, at generation parent_gen
+        uint32_t parent_gen = 0;
+        std::vector<int32_t> tokens;  // and its tokens
         int32_t prev = -1, next = -1;  // free-list links (indices into blocks_, dummies included)
     };
     void list_remove(int32_t id);

@@ -41,6 +41,7 @@ void Planner::release(SeqState& s) {
     pool_.kv_block_free_seq(s.blocks);
     s.blocks.clear();
     s.block_hashes.clear();
+    s.block_canon.clear();
     s.n_hashed = 0;
     s.n_computed = 0;
 }
@@ -87,10 +88,15 @@ void Planner::match_prefix(SeqState& s) {
     // At least one token is always computed, so the step yields logits for the sequence.
     const int32_t max_blocks = (s.n_tokens() - 1) / bs;
     uint64_t parent = 0;
+    int32_t parent_block = -1;
     for (int32_t b = 0; b < max_blocks; ++b) {
-        uint64_t h = block_hash(parent, &s.tokens[static_cast<size_t>(b) * bs]);
-        auto id = pool_.kv_block_lookup(h);
+        const TokenId* toks = &s.tokens[static_cast<size_t>(b) * bs];
+        uint64_t h = block_hash(parent, toks);
+        // The hash finds a candidate; its tokens and its parent block must match too.
+        auto id = pool_.kv_block_match(h, parent_block, std::span<const int32_t>(toks, static_cast<size_t>(bs)));
         if (!id) break;
+        parent_block = *id;
+        s.block_canon.push_back(*id);
         pool_.kv_block_ref(*id);
         s.blocks.push_back(*id);
         s.block_hashes.push_back(h);
@@ -107,9 +113,28 @@ void Planner::hash_full_blocks(SeqState& s) {
         // The placeholder is at n_computed or later, never inside a block hashed here.
         assert(!s.has_placeholder || (s.n_hashed + 1) * bs < s.n_tokens());
         uint64_t parent = s.n_hashed ? s.block_hashes[static_cast<size_t>(s.n_hashed) - 1] : 0;
-        uint64_t h = block_hash(parent, &s.tokens[static_cast<size_t>(s.n_hashed) * bs]);
-        pool_.kv_block_set_hash(s.blocks[static_cast<size_t>(s.n_hashed)], h);
-        last_hashed_.emplace_back(s.blocks[static_cast<size_t>(s.n_hashed)], h);
+        const TokenId* toks = &s.tokens[static_cast<size_t>(s.n_hashed) * bs];
+        const std::span<const int32_t> span(toks, static_cast<size_t>(bs));
+        uint64_t h = block_hash(parent, toks);
+        const int32_t block = s.blocks[static_cast<size_t>(s.n_hashed)];
+        // Registered under the block the cache finds for its predecessor, if that block still
+        // holds the predecessor's tokens under its parent (it may be another sequence's, since
+        // evicted); not at all otherwise (a first block's parent is -1: a later one must not
+        // claim it).
+        const size_t n = static_cast<size_t>(s.n_hashed);
+        const int32_t parent_canon = n ? s.block_canon[n - 1] : -1;
+        bool chained = n == 0;
+        if (n && parent_canon >= 0) {
+            const std::span<const int32_t> prev(&s.tokens[(n - 1) * static_cast<size_t>(bs)], static_cast<size_t>(bs));
+            chained = pool_.kv_block_match(s.block_hashes[n - 1], n >= 2 ? s.block_canon[n - 2] : -1, prev) == parent_canon;
+        }
+        int32_t canon = -1;
+        if (chained) {
+            pool_.kv_block_set_hash(block, h, parent_canon, span);
+            last_hashed_.emplace_back(block, h);
+            canon = pool_.kv_block_match(h, parent_canon, span).value_or(-1);
+        }
+        s.block_canon.push_back(canon);
         s.block_hashes.push_back(h);
         ++s.n_hashed;
     }

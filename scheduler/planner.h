@@ -60,6 +60,9 @@ struct SeqState {
     std::vector<int32_t> blocks;  // block table
     int32_t n_hashed = 0;         // leading blocks registered in the prefix cache
     std::vector<uint64_t> block_hashes;  // hash chain of the leading full blocks
+    // The block the prefix cache finds for each of them (this sequence's own, or an identical
+    // one cached first); -1 where none is: the blocks after it are not registered.
+    std::vector<int32_t> block_canon;
     SeqStatus status = SEQ_STATUS_WAITING;
     int32_t n_preempted = 0;
     bool has_placeholder = false;  // tokens.back() is k_token_placeholder, awaiting set_last_token

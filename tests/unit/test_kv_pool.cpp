@@ -117,3 +117,32 @@ TEST_CASE("random alloc/ref/free keeps the counts consistent") {
         REQUIRE(pool.n_used() == static_cast<int32_t>(distinct.size()));
     }
 }
+
+TEST_CASE("a cached block matches only its own tokens under its own parent, as the parent is now") {
+    KvBlockPool pool(8, 4);
+    const std::vector<int32_t> ta = {1, 2, 3, 4}, tb = {5, 6, 7, 8}, other = {1, 2, 3, 5};
+    const int32_t a = *pool.kv_block_alloc(), b = *pool.kv_block_alloc();
+    pool.kv_block_set_hash(a, 100, -1, ta);
+    pool.kv_block_set_hash(b, 200, a, tb);
+    CHECK(pool.kv_block_match(100, -1, ta) == a);
+    CHECK(pool.kv_block_match(200, a, tb) == b);
+    // The same hash with other tokens (a collision) or another parent is a miss.
+    CHECK_FALSE(pool.kv_block_match(100, -1, other).has_value());
+    CHECK_FALSE(pool.kv_block_match(200, -1, tb).has_value());
+    CHECK_FALSE(pool.kv_block_match(200, b, tb).has_value());
+    CHECK_FALSE(pool.kv_block_match(300, -1, ta).has_value());
+    // A colliding block registered later does not replace (or poison) the cached one.
+    const int32_t c = *pool.kv_block_alloc();
+    pool.kv_block_set_hash(c, 100, -1, other);
+    CHECK(pool.kv_block_match(100, -1, ta) == a);
+    CHECK_FALSE(pool.kv_block_match(100, -1, other).has_value());
+    // The parent evicted and reused: its child no longer matches, even under the same hash and
+    // tokens again (the K/V it was computed from is gone).
+    pool.kv_block_free(a);
+    pool.kv_block_drop_hash(a);
+    const int32_t a2 = *pool.kv_block_alloc();
+    REQUIRE(a2 == a);
+    pool.kv_block_set_hash(a2, 100, -1, ta);
+    CHECK(pool.kv_block_match(100, -1, ta) == a2);
+    CHECK_FALSE(pool.kv_block_match(200, a2, tb).has_value());
+}
