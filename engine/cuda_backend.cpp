@@ -204,6 +204,8 @@ class CudaBackend final : public Backend {
 public:
     CudaBackend(std::shared_ptr<const Model> model, const BackendOptions& opt);
     ~CudaBackend() override;
+    CudaBackend(const CudaBackend&) = delete;
+    CudaBackend& operator=(const CudaBackend&) = delete;
 
     std::string name() const override { return "cuda"; }
     int32_t n_blocks() const override { return opt_.n_blocks; }
@@ -232,6 +234,8 @@ private:
     static constexpr int32_t k_graph_max = 256;  // largest graph bucket
     static constexpr int32_t k_graph_buckets = 9;  // 1, 2, 4, ..., 256
 
+    void init();               // the constructor's work; release() undoes what it got done
+    void release() noexcept;   // every device resource, whatever was acquired
     void run(const Batch& b);  // leaves logits of b.logit_rows in cur_logits_
     bool run_graph(const Batch& b);
     void capture_graph(int32_t bucket);  // graph_ints_ and graph_bufs_ must exist
@@ -294,6 +298,17 @@ private:
 
 CudaBackend::CudaBackend(std::shared_ptr<const Model> model, const BackendOptions& opt)
     : model_(std::move(model)), c_(model_->config()), opt_(opt) {
+    // A throwing constructor runs no destructor: free what init() got before rethrowing, so a
+    // caller that retries (less memory, another KV type) does not leak the device.
+    try {
+        init();
+    } catch (...) {
+        release();
+        throw;
+    }
+}
+
+void CudaBackend::init() {
     int n_dev = 0;
     if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) {
         (void)cudaGetLastError();
@@ -451,7 +466,13 @@ CudaBackend::CudaBackend(std::shared_ptr<const Model> model, const BackendOption
 CudaBackend::~CudaBackend() {
     if (stream_) cudaStreamSynchronize(stream_);
     if (prof_) prof_->print();
+    release();
+}
+
+void CudaBackend::release() noexcept {
+    if (stream_) cudaStreamSynchronize(stream_);
     for (void* p : allocs_) cudaFree(p);
+    allocs_.clear();
     for (cudaGraphExec_t& e : graph_exec_)
         if (e) cudaGraphExecDestroy(e);
     if (graph_host_ints_) cudaFreeHost(graph_host_ints_);
@@ -463,6 +484,11 @@ CudaBackend::~CudaBackend() {
     sample_host_.release();
     if (cublas_) cublasDestroy(cublas_);
     if (stream_) cudaStreamDestroy(stream_);
+    cublas_ = nullptr;
+    stream_ = nullptr;
+    graph_host_ints_ = nullptr;
+    for (cudaGraphExec_t& e : graph_exec_) e = nullptr;
+    (void)cudaGetLastError();
 }
 
 DevWeight CudaBackend::upload(const WeightView& w, const char* what) {
@@ -710,7 +736,20 @@ bool CudaBackend::run_graph(const Batch& b) {
     if (!exec) {
         // Every bucket at once: a capture costs tens of milliseconds, which in the middle of
         // serving would stall all running streams (inter-token latency spikes).
-        for (int32_t b = 1; b <= k_graph_max; b *= 2) capture_graph(b);
+        try {
+            for (int32_t b = 1; b <= k_graph_max; b *= 2) capture_graph(b);
+        } catch (const std::exception& e) {
+            // Eager launches from now on; this step too (the input copy above is harmless).
+            std::fprintf(stderr, "cuda: CUDA graph capture failed (%s); running without graphs\n", e.what());
+            for (cudaGraphExec_t& g : graph_exec_)
+                if (g) {
+                    cudaGraphExecDestroy(g);
+                    g = nullptr;
+                }
+            graphs_enabled_ = false;
+            (void)cudaGetLastError();
+            return false;
+        }
     }
     CUDA_CHECK(cudaGraphLaunch(exec, stream_));
     cur_logits_ = graph_bufs_.lg;
@@ -723,6 +762,8 @@ void CudaBackend::capture_graph(int32_t bucket) {
     cudaGraph_t graph = nullptr;
     CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
     try {
+        // Test hook: a capture that fails part-way, to exercise the fallback.
+        if (env_int("COINFER_TEST_FAIL_GRAPH_CAPTURE", 0) != 0) throw_error("injected graph capture failure");
         encode(bucket, bucket, int64_t(graph_stride_) * opt_.block_size, graph_stride_, graph_ints_, graph_bufs_,
                AttnSplit{});
     } catch (...) {

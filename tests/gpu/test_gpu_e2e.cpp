@@ -5,6 +5,8 @@
 // Without a CUDA device every case prints SKIP and passes.
 #include <doctest/doctest.h>
 
+#include <cuda_runtime_api.h>
+
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -121,6 +123,40 @@ TEST_CASE("gpu: stories260K greedy reproduces llama.cpp's ids") {
         ++n_prompts;
     }
     CHECK(n_prompts == 3);
+}
+
+TEST_CASE("gpu: a failed CUDA graph capture falls back to eager launches with the same ids") {
+    if (!have_gpu()) return;
+    auto path = test::model_file("stories260K.gguf");
+    if (!path) return;
+    auto model = Model::load(*path);
+    const std::vector<TokenId> prompt = model->tokenizer().encode("Once upon a time", true);
+    GenerateOptions opt;
+    opt.max_tokens = 24;
+    opt.sampling.temperature = 0;
+    opt.ignore_eos = true;
+    auto be = cuda(model, 64);
+    KvBlockPool pool(be->n_blocks(), be->block_size());
+    const auto want = generate(*be, pool, *model, prompt, opt).ids;
+    setenv("COINFER_TEST_FAIL_GRAPH_CAPTURE", "1", 1);
+    auto be2 = cuda(model, 64);
+    KvBlockPool pool2(be2->n_blocks(), be2->block_size());
+    std::vector<TokenId> got;
+    CHECK_NOTHROW(got = generate(*be2, pool2, *model, prompt, opt).ids);
+    unsetenv("COINFER_TEST_FAIL_GRAPH_CAPTURE");
+    CHECK(got == want);
+    // A backend whose construction fails frees what it had taken: build and fail many times.
+    size_t free_before = 0, free_after = 0, total = 0;
+    CHECK(cudaMemGetInfo(&free_before, &total) == cudaSuccess);
+    for (int i = 0; i < 20; ++i) {
+        BackendOptions bad;
+        bad.n_blocks = 1 << 30;  // more K/V than any device holds: fails after the weights are up
+        CHECK_THROWS(make_cuda_backend(model, bad));
+    }
+    CHECK(cudaMemGetInfo(&free_after, &total) == cudaSuccess);
+    MESSAGE("device memory free before 20 failed constructions " << free_before / (1 << 20) << " MiB, after "
+                                                                 << free_after / (1 << 20) << " MiB");
+    CHECK(free_after + (size_t(64) << 20) >= free_before);
 }
 
 TEST_CASE("gpu: stories260K perplexity on tale.txt at c=128 is 4.4525 +- 0.001") {
