@@ -30,7 +30,10 @@ namespace {
 bool have_gpu() {
     static const bool ok = [] {
         const bool a = cuda_device_available();
-        if (!a) std::fprintf(stderr, "SKIP: no CUDA device (or a build without CUDA): GPU tests not run\n");
+        if (!a) {
+            std::fprintf(stderr, "SKIP: no CUDA device (or a build without CUDA): GPU tests not run\n");
+            test::mark_skipped("no CUDA device");
+        }
         return a;
     }();
     return ok;
