@@ -4,6 +4,7 @@
 // Every request body is checked field by field before anything reaches the engine: a wrong type,
 // a NaN or out-of-range number, or an unknown token id is a 400 naming the field.
 #include <algorithm>
+#include <cctype>
 #include <charconv>
 #include <cmath>
 #include <ctime>
@@ -202,11 +203,29 @@ std::string random_hex(std::mt19937_64& rng, int n) {
     return s.substr(0, static_cast<size_t>(n));
 }
 
-bool constant_time_equal(std::string_view a, std::string_view b) {
-    if (a.size() != b.size()) return false;
-    unsigned diff = 0;  // no early exit: the time does not tell how much of the key matched
-    for (size_t i = 0; i < a.size(); ++i) diff |= static_cast<unsigned char>(a[i]) ^ static_cast<unsigned char>(b[i]);
+// got == key, in a time that depends on the key's length only: no early exit on a length
+// mismatch or on the first differing byte.
+bool constant_time_equal(std::string_view got, std::string_view key) {
+    unsigned diff = got.size() == key.size() ? 0u : 1u;
+    for (size_t i = 0; i < key.size(); ++i) {
+        const unsigned char g = i < got.size() ? static_cast<unsigned char>(got[i]) : 0;
+        diff |= g ^ static_cast<unsigned char>(key[i]);
+    }
     return diff == 0;
+}
+
+// The credentials of an "Authorization: Bearer KEY" header: the scheme matched without regard
+// to case (RFC 9110), spaces around the key dropped.
+std::optional<std::string_view> bearer_token(std::string_view h) {
+    while (!h.empty() && h.front() == ' ') h.remove_prefix(1);
+    constexpr std::string_view scheme = "bearer";
+    if (h.size() <= scheme.size() || h[scheme.size()] != ' ') return std::nullopt;
+    for (size_t i = 0; i < scheme.size(); ++i)
+        if (std::tolower(static_cast<unsigned char>(h[i])) != scheme[i]) return std::nullopt;
+    h.remove_prefix(scheme.size());
+    while (!h.empty() && h.front() == ' ') h.remove_prefix(1);
+    while (!h.empty() && h.back() == ' ') h.remove_suffix(1);
+    return h;
 }
 
 // What one generation request asks for, after validation.
@@ -630,18 +649,23 @@ std::variant<Reply, GenSpec> Api::Impl::route(const http::Request& r) {
         if (r.path == rt.path) route = &rt;
     Reply reply;
     try {
+        // With a key, only the open routes answer without it: unknown paths and wrong methods
+        // are 401 too, so they tell nothing to a client without the key.
+        if ((!route || !route->open) && opt.api_key) {
+            auto auth = r.header("authorization");
+            auto key = auth ? bearer_token(*auth) : std::nullopt;
+            if (!key || !constant_time_equal(*key, *opt.api_key)) {
+                reply.extra_headers = "WWW-Authenticate: Bearer\r\n";
+                throw ApiError{401, "invalid or missing API key (send 'Authorization: Bearer KEY')", "",
+                               "invalid_api_key"};
+            }
+        }
         if (!route) throw ApiError{404, fmt::format("no such endpoint: {} {}", r.method, r.path), "", "not_found"};
-        if (r.method != route->method) {
+        // HEAD is GET without the body (the connection drops it).
+        if (r.method != route->method && !(r.method == "HEAD" && std::string_view(route->method) == "GET")) {
             reply.extra_headers = fmt::format("Allow: {}\r\n", route->method);
             throw ApiError{405, fmt::format("{} does not accept {} (use {})", r.path, r.method, route->method), "",
                            "method_not_allowed"};
-        }
-        if (!route->open && opt.api_key) {
-            auto auth = r.header("authorization");
-            const std::string expected = "Bearer " + *opt.api_key;
-            if (!auth || !constant_time_equal(*auth, expected))
-                throw ApiError{401, "invalid or missing API key (send 'Authorization: Bearer KEY')", "",
-                               "invalid_api_key"};
         }
         const std::string_view path = r.path;
         if (path == "/") {

@@ -76,7 +76,8 @@ public:
         metrics_.count_response(status);
         // Named locals only across co_await: GCC 12 destroys some temporaries in a co_await
         // expression twice.
-        const std::string out = http::format_response(status, content_type, body, keep_alive_, extra_headers);
+        std::string out = http::format_response(status, content_type, body, keep_alive_, extra_headers);
+        if (current_.method == "HEAD") out.resize(out.size() - body.size());  // the headers GET would get
         const bool ok = co_await write(out);
         co_return ok;
     }

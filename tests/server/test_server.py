@@ -162,6 +162,13 @@ def test_basics(srv):
         check(f"metric {name}", name in m, sorted(m)[:5])
 
 
+def test_head(srv):
+    st, h, body = srv.request("HEAD", "/health")
+    check("HEAD is GET without a body", st == 200 and body == b"" and int(h.get("Content-Length", "0")) > 0, (st, h))
+    st, h, body = srv.request("HEAD", "/v1/completions")
+    check("HEAD on a POST route: 405, no body", st == 405 and body == b"" and h.get("Allow") == "POST", (st, h))
+
+
 def test_tokenize(srv):
     st, t = srv.json("/tokenize", {"content": "Once upon a time"})
     check("tokenize", st == 200 and t["tokens"][0] == 1 and len(t["tokens"]) > 2, t)
@@ -526,6 +533,18 @@ def test_api_key():
         st, r = srv.json("/v1/completions", {"prompt": "x", "max_tokens": 2}, {"Authorization": "Bearer sekret"})
         check("200 with key", st == 200, r)
         check("health open without key", srv.healthy())
+        st, h, _ = srv.request("POST", "/v1/completions", {"prompt": "x", "max_tokens": 2})
+        check("401 names the scheme", st == 401 and h.get("WWW-Authenticate") == "Bearer", h)
+        st, r = srv.json("/v1/completions", {"prompt": "x", "max_tokens": 2}, {"Authorization": "bearer  sekret "})
+        check("scheme case-insensitive", st == 200, r)
+        st, r = srv.json("/v1/completions", {"prompt": "x", "max_tokens": 2}, {"Authorization": "Bearer sekret2"})
+        check("401 longer key", st == 401, r)
+        st, r = srv.json("/v1/completions", {"prompt": "x", "max_tokens": 2}, {"Authorization": "Basic sekret"})
+        check("401 other scheme", st == 401, r)
+        st, _, _ = srv.request("GET", "/no/such/path")
+        check("401 before 404 without the key", st == 401, st)
+        st, _, _ = srv.request("GET", "/no/such/path", headers={"Authorization": "Bearer sekret"})
+        check("404 with the key", st == 404, st)
         # --max-waiting 1: a burst gets 200s and (usually) some 429s, never anything else.
         statuses = []
 
@@ -559,6 +578,7 @@ def main():
     srv = Server("--timeout-s", "2")
     try:
         test_basics(srv)
+        test_head(srv)
         ids = test_tokenize(srv)
         test_completions(srv, ids)
         test_chat(srv)
