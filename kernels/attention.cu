@@ -388,6 +388,16 @@ __device__ __forceinline__ void fa_issue(const FaArgs& a, const int32_t* table, 
             cp_async16(dst_k + j * HD + 16 * c, a.k + off, live ? 16 : 0);
             cp_async16(dst_v + j * HD + 16 * c, a.v + off, live ? 16 : 0);
         };
+        // wpr 4-byte words of each position from byte src of its row, to dk / dv + j * pitch.
+        auto words = [&](int64_t src, uint8_t* dk, uint8_t* dv, int pitch, int wpr) {
+            for (int idx = threadIdx.x; idx < k_fa_tile * wpr; idx += 128) {
+                const int j = idx / wpr, w = idx % wpr, pos = p0 + j;
+                const bool live = pos <= last_pos;
+                const int64_t off = src + 4 * w + (live ? fa_row(a, table, pos) : 0);
+                cp_async4(dk + j * pitch + 4 * w, a.k + off, live ? 4 : 0);
+                cp_async4(dv + j * pitch + 4 * w, a.v + off, live ? 4 : 0);
+            }
+        };
         if (hd == HD) {
             constexpr int VPR = HD / 16, RS = 128 / VPR;
             const int c = threadIdx.x % VPR;
@@ -397,23 +407,9 @@ __device__ __forceinline__ void fa_issue(const FaArgs& a, const int32_t* table, 
             const int vpr = hd / 16;
             for (int idx = threadIdx.x; idx < k_fa_tile * vpr; idx += 128) codes(idx / vpr, idx % vpr);
         } else {
-            const int wpr = hd / 4;
-            for (int idx = threadIdx.x; idx < k_fa_tile * wpr; idx += 128) {
-                const int j = idx / wpr, w = idx % wpr, pos = p0 + j;
-                const bool live = pos <= last_pos;
-                const int64_t off = head + 4 * w + (live ? fa_row(a, table, pos) : 0);
-                cp_async4(dst_k + j * HD + 4 * w, a.k + off, live ? 4 : 0);
-                cp_async4(dst_v + j * HD + 4 * w, a.v + off, live ? 4 : 0);
-            }
+            words(head, dst_k, dst_v, HD, hd / 4);
         }
-        const int wpr = int(kv_dev_scale_group_bytes(T, hd)) / 4;
-        for (int idx = threadIdx.x; idx < k_fa_tile * wpr; idx += 128) {
-            const int j = idx / wpr, w = idx % wpr, pos = p0 + j;
-            const bool live = pos <= last_pos;
-            const int64_t off = sc + 4 * w + (live ? fa_row(a, table, pos) : 0);
-            cp_async4(sk + j * k_fa_scale_slot + 4 * w, a.k + off, live ? 4 : 0);
-            cp_async4(sv + j * k_fa_scale_slot + 4 * w, a.v + off, live ? 4 : 0);
-        }
+        words(sc, sk, sv, k_fa_scale_slot, int(kv_dev_scale_group_bytes(T, hd)) / 4);
     }
 }
 
