@@ -331,6 +331,9 @@ Tokenizer Tokenizer::from_gguf(const GgufFile& f) {
     // Special tokens, longest text first (ties by id, so the order does not depend on the sort).
     for (int32_t i = 0; i < n_vocab; ++i)
         if (is_special_type(v.types[i])) v.special_by_length.push_back(i);
+    // WordPiece drops whitespace and folds accents, so text length bounds nothing there.
+    if (v.kind != TOKENIZER_KIND_WPM)
+        for (const std::string& piece : v.tokens) v.max_token_bytes = std::max(v.max_token_bytes, piece.size());
     std::stable_sort(v.special_by_length.begin(), v.special_by_length.end(),
                      [&](TokenId a, TokenId b) { return v.tokens[a].size() > v.tokens[b].size(); });
 

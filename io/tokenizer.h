@@ -56,6 +56,10 @@ struct Vocab {
     // Tokens matched in text when parse_special is on: control and user-defined tokens,
     // longest first.
     std::vector<TokenId> special_by_length;
+    // The longest token string: no SentencePiece or byte-level BPE token stands for more bytes
+    // of text (a piece's spelling is never shorter than the text it covers), so text of n bytes
+    // needs n / this tokens at least. 0 for WordPiece (it drops whitespace): no bound.
+    size_t max_token_bytes = 0;
 
     int32_t n_vocab() const { return static_cast<int32_t>(tokens.size()); }
     bool valid(TokenId id) const { return id >= 0 && id < n_vocab(); }

@@ -154,6 +154,12 @@ Engine::Prepared Engine::prepare(const Request& req) {
     g.max_tokens = req.max_tokens;
     g.sampling = req.sampling;
     g.n_ctx = impl_->n_ctx;
+    // Too long for the context: its own error code, so a server can say so (OpenAI's
+    // context_length_exceeded).
+    if (impl_->n_ctx > 0 && p.prompt_ids.size() >= static_cast<size_t>(impl_->n_ctx))
+        throw EngineError(make_error_code(EngineErrc::too_long),
+                          fmt::format("the prompt has {} tokens, which does not fit the context of {} tokens",
+                                      p.prompt_ids.size(), impl_->n_ctx));
     validate_generate(model, p.prompt_ids.size(), g);  // empty prompt, context, sampling values
     if (static_cast<int64_t>(p.prompt_ids.size()) + req.max_tokens > impl_->n_ctx)
         throw_error("prompt ({} tokens) plus max_tokens ({}) exceeds the context of {} tokens",

@@ -262,6 +262,7 @@ struct Api::Impl {
     void parse_sampling(const json& body, GenSpec& g);
     GenSpec parse_completion(const json& body);
     GenSpec parse_chat(const json& body);
+    void refuse_if_cannot_fit(std::string_view text, const char* param) const;
     std::string piece(TokenId id) const { return tokenizer().token_to_piece(id, true); }
 };
 
@@ -329,6 +330,19 @@ void Api::Impl::parse_sampling(const json& body, GenSpec& g) {
     }
 }
 
+// A prompt whose byte length alone shows it cannot fit the context is refused before it is
+// tokenized (tokenizing a megabyte takes the thread for a while, to end in the same 400).
+void Api::Impl::refuse_if_cannot_fit(std::string_view text, const char* param) const {
+    const size_t per_token = tokenizer().vocab().max_token_bytes;
+    if (per_token == 0 || opt.n_ctx <= 0) return;
+    if (text.size() > size_t(opt.n_ctx) * per_token)
+        throw ApiError{400,
+                       fmt::format("the prompt's {} bytes need more than the context's {} tokens (no token spells "
+                                   "more than {} bytes)",
+                                   text.size(), opt.n_ctx, per_token),
+                       param, "context_length_exceeded"};
+}
+
 GenSpec Api::Impl::parse_completion(const json& body) {
     GenSpec g;
     const json* p = field(body, "prompt");
@@ -338,6 +352,7 @@ GenSpec Api::Impl::parse_completion(const json& body) {
     if (p->is_string()) {
         g.req.prompt = p->get<std::string>();
         if (!valid_utf8(g.req.prompt)) bad("prompt", "'prompt' is not valid UTF-8");
+        refuse_if_cannot_fit(g.req.prompt, "prompt");
     } else if (is_token_array(*p)) {
         g.req.prompt_ids = token_array(*p, "prompt", n_vocab());
     } else if (p->is_array() && p->size() > 1 && !is_token_array(*p)) {
@@ -395,6 +410,7 @@ GenSpec Api::Impl::parse_chat(const json& body) {
     }
     // Only the template's markers are control tokens: "</s>" or "<|im_end|>" in a message stays
     // text, so no message can close its turn or open another role's.
+    refuse_if_cannot_fit(prompt, "messages");
     g.req.prompt_ids = tokenizer().encode(prompt, true, true, contents);
     if (g.req.prompt_ids.empty()) bad("messages", "the rendered prompt is empty");
     const int64_t room = std::max<int64_t>(1, opt.n_ctx - static_cast<int64_t>(g.req.prompt_ids.size()));
@@ -445,6 +461,7 @@ asio::awaitable<void> Api::Impl::generate(Exchange& ex, GenSpec& g) {
         stream.emplace(engine.generate(g.req));
     } catch (const EngineError& e) {
         if (e.code() == EngineErrc::queue_full) refused = ApiError{429, e.what(), "", "queue_full"};
+        else if (e.code() == EngineErrc::too_long) refused = ApiError{400, e.what(), "", "context_length_exceeded"};
         else refused = ApiError{503, e.what(), "", "engine_unavailable"};
     } catch (const Error& e) {
         refused = ApiError{400, e.what(), "", {}};

@@ -318,6 +318,17 @@ def test_errors(srv):
     wide = b'{"prompt": "hi", "max_tokens": 1, "x": [' + b'{},' * 344999 + b'{}]}'
     st, _, body = srv.request("POST", P, wide, {"Content-Type": "application/json"}, timeout=30)
     check("wide body answered", st in (200, 400), (st, body[:200]))
+    # A prompt too long for the context by its byte length alone is refused before tokenizing;
+    # one that fits by bytes but not in tokens is refused after (both 400, one code).
+    for name, path, body in [("prompt", P, {"prompt": "a" * 900_000, "max_tokens": 1}),
+                             ("chat", "/v1/chat/completions", {"messages": [{"role": "user", "content": "a " * 450_000}]})]:
+        t0 = time.time()
+        st, r = srv.json(path, body)
+        check(f"{name} over the context by bytes: 400 at once", st == 400 and r.get("error", {}).get("code") ==
+              "context_length_exceeded" and time.time() - t0 < 2.0, (st, r, time.time() - t0))
+    st, r = srv.json(P, {"prompt": "Once upon a time " * 600, "max_tokens": 1})
+    check("prompt over the context in tokens: 400", st == 400 and r.get("error", {}).get("code") ==
+          "context_length_exceeded", (st, r))
     st, r = srv.json("/v1/chat/completions", {"messages": []})
     check("error: chat empty messages", st == 400 and is_error(r), r)
     st, r = srv.json("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]})
