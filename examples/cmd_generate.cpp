@@ -78,8 +78,7 @@ int cmd_generate(Args& args) {
             "  -c, --ctx-size N         context length (default: the model's)\n"
             "  --device cpu|cuda        backend (default cuda when a GPU is present, else cpu)\n"
             "  -t, --threads N          CPU threads (default 1)\n"
-            "  --kv-type T              KV cache: auto (f32 on cpu, f16 on cuda), f32, f16, q8_0, fp8\n"
-            "                           (q8_0 and fp8 on the cpu backend only for now)\n");
+            "  --kv-type T              KV cache: auto (f32 on cpu, f16 on cuda), f32, f16, q8_0, fp8\n");
         return 0;
     }
     auto model_path = args.value("--model", "-m");
@@ -177,8 +176,7 @@ int cmd_perplexity(Args& args) {
             "  -c, --ctx-size CTX       chunk length (default 512)\n"
             "  --device cpu|cuda        backend (default cuda when a GPU is present, else cpu)\n"
             "  -t, --threads N          CPU threads (default 1)\n"
-            "  --kv-type T              KV cache: auto (f32 on cpu, f16 on cuda), f32, f16, q8_0, fp8\n"
-            "                           (q8_0 and fp8 on the cpu backend only for now)\n");
+            "  --kv-type T              KV cache: auto (f32 on cpu, f16 on cuda), f32, f16, q8_0, fp8\n");
         return 0;
     }
     auto model_path = args.value("--model", "-m");

@@ -31,6 +31,8 @@ int cmd_serve(Args& args) {
             "  --api-key KEY            require 'Authorization: Bearer KEY' on the API endpoints\n"
             "  --max-waiting N          requests queued before 429 (default 1024)\n"
             "  --max-body-bytes B       largest request body (default 1048576)\n"
+            "  --max-logit-bias N       logit_bias entries per request (default 300)\n"
+            "  --max-stop-bytes B       bytes of all stop strings of a request (default 1024)\n"
             "  --timeout-s S            header/body read and stalled-write timeout (default 30)\n"
             "  --keep-alive-s S         idle keep-alive connections close after this (default 60)\n"
             "  --chat-template NAME     llama2, llama3, chatml, mistral, zephyr or phi3\n"
@@ -44,8 +46,7 @@ int cmd_serve(Args& args) {
             "  --max-prompt-mixed N     prompt tokens in a step that also decodes (default 512, 0: no cap)\n"
             "  --kv-blocks N            KV cache blocks (default: the backend's choice)\n"
             "  --batch-invariant        cuda: same bits alone or in any batch (slower big batches)\n"
-            "  --kv-type T              KV cache: auto (f32 on cpu, f16 on cuda), f32, f16, q8_0, fp8\n"
-            "                           (q8_0 and fp8 on the cpu backend only for now)\n");
+            "  --kv-type T              KV cache: auto (f32 on cpu, f16 on cuda), f32, f16, q8_0, fp8\n");
         return 0;
     }
     auto model_path = args.value("--model", "-m");
@@ -63,6 +64,8 @@ int cmd_serve(Args& args) {
     server::ApiOptions aopt;
     aopt.api_key = args.value("--api-key");
     if (aopt.api_key && aopt.api_key->empty()) throw UsageError("--api-key must not be empty");
+    aopt.max_logit_bias = static_cast<size_t>(int_in(args, "--max-logit-bias", 300, 0, 1 << 20));
+    aopt.max_stop_bytes = static_cast<size_t>(int_in(args, "--max-stop-bytes", 1024, 0, 1 << 20));
     auto chat_template = args.value("--chat-template");
     auto model_name = args.value("--model-name");
 

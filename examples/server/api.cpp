@@ -291,6 +291,9 @@ void Api::Impl::parse_sampling(const json& body, GenSpec& g) {
     }
     if (const json* f = field(body, "logit_bias")) {
         if (!f->is_object()) bad("logit_bias", "'logit_bias' must be an object mapping token ids to biases");
+        if (f->size() > opt.max_logit_bias)
+            bad("logit_bias", fmt::format("logit_bias has {} entries; at most {} (--max-logit-bias)", f->size(),
+                                          opt.max_logit_bias));
         for (const auto& [key, val] : f->items()) {
             int64_t id = -1;
             auto [p, ec] = std::from_chars(key.data(), key.data() + key.size(), id);
@@ -313,6 +316,11 @@ void Api::Impl::parse_sampling(const json& body, GenSpec& g) {
         } else {
             bad("stop", "'stop' must be a string or a list of strings");
         }
+        size_t bytes = 0;
+        for (const std::string& st : g.req.stop) bytes += st.size();
+        if (bytes > opt.max_stop_bytes)
+            bad("stop", fmt::format("the stop strings hold {} bytes; at most {} together (--max-stop-bytes)", bytes,
+                                    opt.max_stop_bytes));
     }
     g.req.ignore_eos = opt_bool(body, "ignore_eos").value_or(false);
     g.stream = opt_bool(body, "stream").value_or(false);

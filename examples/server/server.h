@@ -38,6 +38,8 @@ struct ApiOptions {
     std::string model_name;          // the id in /v1/models and responses
     std::optional<std::string> api_key;
     int32_t n_ctx = 0;               // the engine's per-request context
+    size_t max_logit_bias = 300;     // logit_bias entries a request may give (OpenAI's cap)
+    size_t max_stop_bytes = 1024;    // all of a request's stop strings together
 };
 
 // One request and its response, as the API sees them.

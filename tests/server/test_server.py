@@ -329,6 +329,12 @@ def test_errors(srv):
     st, r = srv.json(P, {"prompt": "Once upon a time " * 600, "max_tokens": 1})
     check("prompt over the context in tokens: 400", st == 400 and r.get("error", {}).get("code") ==
           "context_length_exceeded", (st, r))
+    st, r = srv.json(P, {"prompt": "x", "max_tokens": 1, "logit_bias": {str(i): 1 for i in range(301)}})
+    check("logit_bias over 300 entries: 400", st == 400 and r.get("error", {}).get("param") == "logit_bias", (st, r))
+    st, r = srv.json(P, {"prompt": "x", "max_tokens": 1, "logit_bias": {str(i): 1 for i in range(300)}})
+    check("logit_bias of 300 entries: 200", st == 200, (st, r))
+    st, r = srv.json(P, {"prompt": "x", "max_tokens": 1, "stop": ["a" * 600, "b" * 600]})
+    check("stop strings over 1024 bytes: 400", st == 400 and r.get("error", {}).get("param") == "stop", (st, r))
     st, r = srv.json("/v1/chat/completions", {"messages": []})
     check("error: chat empty messages", st == 400 and is_error(r), r)
     st, r = srv.json("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]})
