@@ -33,6 +33,8 @@ int cmd_serve(Args& args) {
             "  --max-body-bytes B       largest request body (default 1048576)\n"
             "  --max-logit-bias N       logit_bias entries per request (default 300)\n"
             "  --max-stop-bytes B       bytes of all stop strings of a request (default 1024)\n"
+            "  --allowed-origins LIST   comma-separated browser origins allowed besides the server's own\n"
+            "                           page ('*': any); requests with another Origin get 403\n"
             "  --timeout-s S            header/body read and stalled-write timeout (default 30)\n"
             "  --keep-alive-s S         idle keep-alive connections close after this (default 60)\n"
             "  --chat-template NAME     llama2, llama3, chatml, mistral, zephyr or phi3\n"
@@ -66,6 +68,17 @@ int cmd_serve(Args& args) {
     if (aopt.api_key && aopt.api_key->empty()) throw UsageError("--api-key must not be empty");
     aopt.max_logit_bias = static_cast<size_t>(int_in(args, "--max-logit-bias", 300, 0, 1 << 20));
     aopt.max_stop_bytes = static_cast<size_t>(int_in(args, "--max-stop-bytes", 1024, 0, 1 << 20));
+    if (auto origins = args.value("--allowed-origins")) {
+        std::string_view rest = *origins;
+        while (!rest.empty()) {
+            const size_t comma = rest.find(',');
+            std::string_view o = rest.substr(0, comma);
+            while (!o.empty() && o.front() == ' ') o.remove_prefix(1);
+            while (!o.empty() && o.back() == ' ') o.remove_suffix(1);
+            if (!o.empty()) aopt.allowed_origins.emplace_back(o);
+            rest = comma == std::string_view::npos ? std::string_view() : rest.substr(comma + 1);
+        }
+    }
     auto chat_template = args.value("--chat-template");
     auto model_name = args.value("--model-name");
 

@@ -263,6 +263,7 @@ struct Api::Impl {
     GenSpec parse_completion(const json& body);
     GenSpec parse_chat(const json& body);
     void refuse_if_cannot_fit(std::string_view text, const char* param) const;
+    bool origin_allowed(std::string_view origin, std::optional<std::string_view> host) const;
     std::string piece(TokenId id) const { return tokenizer().token_to_piece(id, true); }
 };
 
@@ -336,6 +337,15 @@ void Api::Impl::parse_sampling(const json& body, GenSpec& g) {
     } catch (const Error& e) {
         bad("", e.what());
     }
+}
+
+// The page's own origin: scheme://HOST where HOST is the Host header; else one listed in
+// --allowed-origins ("*": any).
+bool Api::Impl::origin_allowed(std::string_view origin, std::optional<std::string_view> host) const {
+    for (const std::string& a : opt.allowed_origins)
+        if (a == "*" || a == origin) return true;
+    const size_t sep = origin.find("://");
+    return host && sep != std::string_view::npos && origin.substr(sep + 3) == *host;
 }
 
 // A prompt whose byte length alone shows it cannot fit the context is refused before it is
@@ -476,7 +486,9 @@ asio::awaitable<void> Api::Impl::generate(Exchange& ex, GenSpec& g) {
     }
     if (refused) {
         const std::string body = error_json(*refused);
-        co_await ex.respond(refused->status, "application/json", body);
+        // A full queue drains in about a step or two: say when to come back.
+        const std::string_view extra = refused->status == 429 ? "Retry-After: 1\r\n" : "";
+        co_await ex.respond(refused->status, "application/json", body, extra);
         co_return;
     }
     if (ex.peer_closed()) {
@@ -674,6 +686,12 @@ std::variant<Reply, GenSpec> Api::Impl::route(const http::Request& r) {
         if (r.path == rt.path) route = &rt;
     Reply reply;
     try {
+        // Browsers send Origin with cross-site requests, and a page elsewhere may POST
+        // text/plain here without a preflight: only the page's own origin (the Host it asked
+        // for) and --allowed-origins are served. Clients that send no Origin are not browsers.
+        if (auto origin = r.header("origin"); origin && !origin_allowed(*origin, r.header("host")))
+            throw ApiError{403, fmt::format("origin '{}' is not allowed (--allowed-origins)", *origin), "",
+                           "origin_not_allowed"};
         // With a key, only the open routes answer without it: unknown paths and wrong methods
         // are 401 too, so they tell nothing to a client without the key.
         if ((!route || !route->open) && opt.api_key) {

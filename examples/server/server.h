@@ -13,6 +13,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 #include <string_view>
 #include <unordered_set>
 
@@ -40,6 +41,7 @@ struct ApiOptions {
     int32_t n_ctx = 0;               // the engine's per-request context
     size_t max_logit_bias = 300;     // logit_bias entries a request may give (OpenAI's cap)
     size_t max_stop_bytes = 1024;    // all of a request's stop strings together
+    std::vector<std::string> allowed_origins;  // browser origins served besides the page's own; "*": any
 };
 
 // One request and its response, as the API sees them.
