@@ -240,7 +240,7 @@ private:
     bool run_graph(const Batch& b);
     void capture_graph(int32_t bucket);  // graph_ints_ and graph_bufs_ must exist
     int32_t pack_ints(const Batch& b, int32_t stride, int32_t* hi) const;
-    Bufs scratch_bufs(int64_t n, int64_t n_out, int64_t max_ctx);
+    Bufs scratch_bufs(int64_t n, int64_t n_out);
     kn::AttentionParams attn_params() const;
     void encode(int64_t n, int64_t n_out, int64_t max_ctx, int32_t stride, const int32_t* di, const Bufs& B,
                 const AttnSplit& as);
@@ -416,7 +416,7 @@ void CudaBackend::init() {
     attn_scratch_floats_ = kn::attention_scratch_floats(attn_params());
     attn_scratch_ = static_cast<float*>(device_alloc(attn_scratch_floats_ * sizeof(float), "attention scratch"));
     allocs_.push_back(attn_scratch_);
-    (void)scratch_bufs(step_tokens, std::min<int64_t>(step_tokens, 256), 1);
+    (void)scratch_bufs(step_tokens, std::min<int64_t>(step_tokens, 256));
     size_t free_after = 0;
     CUDA_CHECK(cudaMemGetInfo(&free_after, &total_b));
     const double reserved = double(free_before - std::min(free_before, free_after));
@@ -572,7 +572,7 @@ int32_t CudaBackend::pack_ints(const Batch& b, int32_t stride, int32_t* hi) cons
     return max_pos;
 }
 
-CudaBackend::Bufs CudaBackend::scratch_bufs(int64_t n, int64_t n_out, int64_t max_ctx) {
+CudaBackend::Bufs CudaBackend::scratch_bufs(int64_t n, int64_t n_out) {
     const int64_t d = c_.n_embd, n_q = c_.n_head * c_.head_dim, n_kv = c_.n_embd_kv(), n_ff = c_.n_ff;
     Bufs B;
     B.x = x_.get(size_t(n * d), "activations");
@@ -586,7 +586,6 @@ CudaBackend::Bufs CudaBackend::scratch_bufs(int64_t n, int64_t n_out, int64_t ma
     B.tmp = tmp_.get(size_t(n * d), "activations");
     B.lg = logits_.get(size_t(std::max<int64_t>(n_out, 1) * c_.n_vocab), "logits");
     B.part = attn_scratch_;
-    (void)max_ctx;
     return B;
 }
 
@@ -691,7 +690,6 @@ bool CudaBackend::run_graph(const Batch& b) {
     int32_t bucket = 1;
     while (bucket < n) bucket *= 2;
     const int32_t stride = graph_stride_, bs = opt_.block_size;
-    const int64_t max_ctx = int64_t(stride) * bs;
     if (!graph_ints_) {
         const size_t n_ints = size_t(5 * k_graph_max) + size_t(k_graph_max) * size_t(stride);
         graph_ints_ = static_cast<int32_t*>(device_alloc(n_ints * sizeof(int32_t), "graph inputs"));
@@ -827,7 +825,7 @@ void CudaBackend::run(const Batch& b) {
         for (size_t i = 0; i < singles.size(); i += 2) rows += double(b.positions[size_t(singles[i])]) + 1;
         attn_bytes_ = 2.0 * rows * double(kv_row_bytes_);
     }
-    const Bufs B = scratch_bufs(n, n_out, int64_t(max_pos) + 1);
+    const Bufs B = scratch_bufs(n, n_out);
     encode(n, n_out, int64_t(max_pos) + 1, stride, di, B, as);
     cur_logits_ = B.lg;
 }
