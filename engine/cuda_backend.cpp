@@ -7,10 +7,13 @@
 #include <cstdlib>
 #include <cstdio>
 #include <cstring>
+#include <exception>
+#include <thread>
 
 #include <unistd.h>
 
 #include "backend.h"
+#include "qpack.h"
 #include "rope_table.h"
 
 #if COINFER_HAVE_CUDA
@@ -19,6 +22,7 @@
 #include "kernels/elementwise.h"
 #include "kernels/matmul.h"
 #include "kernels/norm.h"
+#include "kernels/qpack.h"
 #include "kernels/rope.h"
 #include "kernels/sample.h"
 #endif
@@ -73,8 +77,9 @@ void* device_alloc(size_t bytes, const char* what) {
 struct DevWeight {
     int type = 0;
     int64_t n_in = 0, n_out = 0;
-    size_t row_bytes = 0;  // row stride on the device: the file's row size padded to 16 bytes
-    void* data = nullptr;  // [n_out rows, row_bytes apart]
+    size_t row_bytes = 0;  // dense: row stride on the device, the file's row size padded to 16 bytes
+    void* data = nullptr;  // dense: [n_out rows, row_bytes apart]; quantized: packed (engine/qpack.h)
+    size_t bytes = 0;      // of the matrix on the device
 };
 
 struct DevLayer {
@@ -245,6 +250,8 @@ private:
     void encode(int64_t n, int64_t n_out, int64_t max_ctx, int32_t stride, const int32_t* di, const Bufs& B,
                 const AttnSplit& as);
     DevWeight upload(const WeightView& w, const char* what);
+    DevWeight upload_rows(const WeightView& w, const char* what);
+    DevWeight upload_packed(const std::vector<const WeightView*>& parts, const char* what);
     static void copy_rows(void* dst, size_t stride, const WeightView& w);
     DevWeight upload_fused(std::initializer_list<std::pair<const WeightView*, DevWeight*>> parts, const char* what);
     float* upload_floats(const std::vector<float>& v, const char* what);
@@ -275,6 +282,7 @@ private:
     std::vector<int32_t> h_ints_;  // host staging for ints_
     std::vector<DeviceSampleOut> sample_out_;
     PinnedScratch sample_host_;  // host mirror of sample_io_
+    PinnedScratch pack_stage_;   // packed weights on their way up (freed after the upload)
     float* cur_logits_ = nullptr;  // [n_out, n_vocab] of the last run
 
     // CUDA graphs for decode-only batches, one per bucket.
@@ -358,8 +366,12 @@ void CudaBackend::init() {
                      done == w.layers.size() || !tty ? "\n" : "");
         std::fflush(stderr);
     };
-    token_embd_ = upload(w.token_embd, "token_embd");
-    output_ = w.output.data == w.token_embd.data ? token_embd_ : upload(w.output, "output");
+    // The embedding table stays in the file's layout (rows are gathered, not multiplied); a tied
+    // output matrix of a packed type gets a packed copy of its own.
+    token_embd_ = upload_rows(w.token_embd, "token_embd");
+    output_ = w.output.data == w.token_embd.data && !kn::weight_type_is_packed(token_embd_.type)
+                  ? token_embd_
+                  : upload(w.output, "output");
     output_norm_ = upload_floats(w.output_norm, "output_norm");
     for (size_t l = 0; l < w.layers.size(); ++l) {
         const LayerWeights& L = w.layers[l];
@@ -387,6 +399,7 @@ void CudaBackend::init() {
         layers_.push_back(d);
         progress(l + 1);
     }
+    pack_stage_.release();
     // RoPE frequencies: the CPU backend's table.
     {
         const RopeTable rt = make_rope_table(c_, w.rope_freqs);
@@ -399,9 +412,10 @@ void CudaBackend::init() {
     // GEMV for one row, tensor cores from 2 (H100, 4096x11008: Q4_0 at 8 rows 103.5 us as GEMV,
     // 25.8 us fused; F16 104.5 vs 39.9 us through cuBLAS); never tensor cores when batch-invariant.
     mm_.gemm_min_rows = env_int("COINFER_CUDA_GEMM_MIN_ROWS", opt_.batch_invariant ? (1 << 30) : 2);
+    mm_.batch_invariant = opt_.batch_invariant;
     int64_t max_w = 0;
     for (const DevLayer& d : layers_)
-        for (const DevWeight* dw : {&d.wq, &d.wk, &d.wv, &d.wo, &d.w_gate, &d.w_up, &d.w_down})
+        for (const DevWeight* dw : {&d.wq, &d.wk, &d.wv, &d.wqkv, &d.wo, &d.w_gate, &d.w_up, &d.w_gate_up, &d.w_down})
             max_w = std::max(max_w, dw->n_in * dw->n_out);
     max_w = std::max(max_w, output_.n_in * output_.n_out);
     mm_.scratch_floats = static_cast<size_t>(std::min<int64_t>(max_w, int64_t(64) << 20));
@@ -482,6 +496,7 @@ void CudaBackend::release() noexcept {
     sample_io_.release();
     sample_ws_.release();
     sample_host_.release();
+    pack_stage_.release();
     if (cublas_) cublasDestroy(cublas_);
     if (stream_) cudaStreamDestroy(stream_);
     cublas_ = nullptr;
@@ -492,6 +507,11 @@ void CudaBackend::release() noexcept {
 }
 
 DevWeight CudaBackend::upload(const WeightView& w, const char* what) {
+    if (kn::weight_type_is_packed(static_cast<int>(w.type))) return upload_packed({&w}, what);
+    return upload_rows(w, what);
+}
+
+DevWeight CudaBackend::upload_rows(const WeightView& w, const char* what) {
     if (!kn::weight_type_is_supported(static_cast<int>(w.type)))
         throw_error("cuda: weight {} has type {}, which the CUDA backend does not support", what,
                     static_cast<int>(w.type));
@@ -500,9 +520,67 @@ DevWeight CudaBackend::upload(const WeightView& w, const char* what) {
     d.n_in = w.n_in;
     d.n_out = w.n_out;
     d.row_bytes = kn::weight_row_stride(w.row_bytes);
-    d.data = device_alloc(static_cast<size_t>(w.n_out) * d.row_bytes, what);
+    d.bytes = static_cast<size_t>(w.n_out) * d.row_bytes;
+    d.data = device_alloc(d.bytes, what);
     allocs_.push_back(d.data);
     copy_rows(d.data, d.row_bytes, w);
+    return d;
+}
+
+// The rows of parts, one after another, packed (engine/qpack.h) through a bounded pinned staging
+// buffer: row tiles are packed on the host by a few threads, a staging-full at a time.
+DevWeight CudaBackend::upload_packed(const std::vector<const WeightView*>& parts, const char* what) {
+    const WeightView& first = *parts.front();
+    const GgmlType type = first.type;
+    DevWeight d;
+    d.type = static_cast<int>(type);
+    d.n_in = first.n_in;
+    for (const WeightView* p : parts) d.n_out += p->n_out;
+    d.bytes = qpack_size(type, d.n_in, d.n_out);
+    d.data = device_alloc(d.bytes, what);
+    allocs_.push_back(d.data);
+    auto row = [&](int64_t r) {
+        for (const WeightView* p : parts) {
+            if (r < p->n_out) return static_cast<const uint8_t*>(p->data) + size_t(r) * p->row_bytes;
+            r -= p->n_out;
+        }
+        return static_cast<const uint8_t*>(nullptr);
+    };
+    const int64_t n_rt = kn::qpack_row_tiles(d.n_out);
+    const size_t tile_row_bytes = d.bytes / size_t(n_rt);  // one row tile, all K tiles
+    const int64_t per_chunk = std::max<int64_t>(1, int64_t((size_t(64) << 20) / tile_row_bytes));
+    char* stage = pack_stage_.get(size_t(std::min(per_chunk, n_rt)) * tile_row_bytes);
+    const int n_thr = int(std::clamp<unsigned>(std::thread::hardware_concurrency(), 1, 8));
+    for (int64_t t0 = 0; t0 < n_rt; t0 += per_chunk) {
+        const int64_t t1 = std::min(n_rt, t0 + per_chunk);
+        // Tiles [t0, t1) land at stage[0..): qpack_tiles writes tile t at t * tile_row_bytes.
+        auto* base = reinterpret_cast<uint8_t*>(stage) - size_t(t0) * tile_row_bytes;
+        std::vector<std::thread> pool;
+        std::vector<std::exception_ptr> errs(static_cast<size_t>(n_thr));
+        const int64_t per_thr = (t1 - t0 + n_thr - 1) / n_thr;
+        for (int i = 0; i < n_thr; ++i) {
+            const int64_t a = t0 + i * per_thr, b = std::min(t1, a + per_thr);
+            if (a >= b) break;
+            pool.emplace_back([&, a, b, i] {
+                try {
+                    qpack_tiles(type, d.n_in, d.n_out, row, a, b, base);
+                } catch (...) {
+                    errs[size_t(i)] = std::current_exception();
+                }
+            });
+        }
+        for (auto& th : pool) th.join();
+        for (auto& e : errs)
+            if (e) {
+                try {
+                    std::rethrow_exception(e);
+                } catch (const std::exception& ex) {
+                    throw_error("cuda: {}: {}", what, ex.what());
+                }
+            }
+        CUDA_CHECK(cudaMemcpy(static_cast<char*>(d.data) + size_t(t0) * tile_row_bytes, stage,
+                              size_t(t1 - t0) * tile_row_bytes, cudaMemcpyHostToDevice));
+    }
     return d;
 }
 
@@ -517,17 +595,25 @@ DevWeight CudaBackend::upload_fused(std::initializer_list<std::pair<const Weight
         n_out += w->n_out;
     }
     if (env_int("COINFER_CUDA_FUSE", 1) == 0) return DevWeight{-1};
+    if (kn::weight_type_is_packed(static_cast<int>(first.type))) {
+        // The parts' views stay empty: the fused matrix is the only one multiplied.
+        std::vector<const WeightView*> views;
+        for (const auto& [w, dev] : parts) views.push_back(w);
+        return upload_packed(views, what);
+    }
     DevWeight f;
     f.type = static_cast<int>(first.type);
     f.n_in = first.n_in;
     f.n_out = n_out;
     f.row_bytes = kn::weight_row_stride(first.row_bytes);
-    f.data = device_alloc(size_t(n_out) * f.row_bytes, what);
+    f.bytes = size_t(n_out) * f.row_bytes;
+    f.data = device_alloc(f.bytes, what);
     allocs_.push_back(f.data);
     size_t off = 0;
     for (const auto& [w, dev] : parts) {
         copy_rows(static_cast<char*>(f.data) + off, f.row_bytes, *w);
-        *dev = DevWeight{f.type, w->n_in, w->n_out, f.row_bytes, static_cast<char*>(f.data) + off};
+        *dev = DevWeight{f.type, w->n_in, w->n_out, f.row_bytes, static_cast<char*>(f.data) + off,
+                         size_t(w->n_out) * f.row_bytes};
         off += size_t(w->n_out) * f.row_bytes;
     }
     return f;
@@ -614,7 +700,7 @@ void CudaBackend::encode(int64_t n, int64_t n_out, int64_t max_ctx, int32_t stri
     };
     auto mm = [&](const DevWeight& w, const float* in, int64_t rows, float* out, const char* name) {
         kn::matmul(mm_, w.type, w.data, w.row_bytes, w.n_in, w.n_out, in, rows, out, stream_);
-        mark(name, double(w.n_out) * double(w.row_bytes) + 4.0 * double(rows) * double(w.n_in + w.n_out));
+        mark(name, double(w.bytes) + 4.0 * double(rows) * double(w.n_in + w.n_out));
     };
     float *x = B.x, *h = B.h, *q = B.q, *k = B.k, *v = B.v, *attn = B.attn, *g = B.g, *u = B.u, *tmp = B.tmp;
     if (pr) pr->begin(stream_);

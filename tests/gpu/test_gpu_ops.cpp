@@ -23,6 +23,7 @@
 #include <cuda_fp16.h>
 
 #include "engine/kv_codec.h"
+#include "engine/qpack.h"
 #include "engine/quant.h"
 #include "engine/rope_table.h"
 #include "kernels/attention.h"
@@ -30,6 +31,7 @@
 #include "kernels/elementwise.h"
 #include "kernels/matmul.h"
 #include "kernels/norm.h"
+#include "kernels/qpack.h"
 #include "kernels/rope.h"
 #include "kernels/sample.h"
 
@@ -138,6 +140,7 @@ std::vector<Case> make_cases(int n_threads) {
                                   GGML_TYPE_Q4_K, GGML_TYPE_Q5_K, GGML_TYPE_Q6_K};
     auto make_mm = [](int64_t gemm_min_rows) {
         auto* c = new kn::MatmulContext;
+        c->batch_invariant = gemm_min_rows >= (1 << 30);
         CUBLAS_CHECK(cublasCreate(&c->cublas));
         c->scratch_floats = size_t(64) << 20;
         CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&c->scratch), c->scratch_floats * sizeof(float)));
@@ -145,15 +148,13 @@ std::vector<Case> make_cases(int n_threads) {
         return c;
     };
     static kn::MatmulContext* mm = make_mm(9);             // "matmul": the backend's routing
-    static kn::MatmulContext* mm_gemv = make_mm(1 << 30);  // "matmul-gemv": GEMV at every n_rows (--batch-invariant)
+    static kn::MatmulContext* mm_gemv = make_mm(1 << 30);  // "matmul-invariant": --batch-invariant (dense: GEMV)
     static kn::MatmulContext* mm_mma = make_mm(1);         // "matmul-mma": tensor cores at every n_rows (crossover)
 
     // ---- matmul: type x (n_in, n_out) x n_rows ----
-    const char* q8_env = std::getenv("COINFER_GEMV_Q8");
-    const bool gemv_q8 = q8_env && std::strcmp(q8_env, "1") == 0;
-    // GEMV (F32 activations): NMSE <= 1e-7 (1e-4 for the int8 activations of COINFER_GEMV_Q8=1).
-    // Tensor-core paths (F16 activations, BF16 for BF16 weights, FP32 accumulate): the fused
-    // quantized product up to 192 rows, cuBLAS for F16/BF16 and beyond: 1e-5. F32: SGEMM, 1e-7.
+    // Dense GEMV (F32 activations): NMSE <= 1e-7. Tensor-core paths (F16 activations, BF16 for
+    // BF16 weights, FP32 accumulate): the fused quantized product (every n_rows when
+    // batch-invariant), cuBLAS for F16/BF16 and beyond: 1e-5. F32: SGEMM, 1e-7.
     const std::vector<GgmlType> bench_types = {GGML_TYPE_F16, GGML_TYPE_BF16, GGML_TYPE_Q8_0, GGML_TYPE_Q4_0,
                                                GGML_TYPE_Q4_K};
     const std::vector<int64_t> all_rows = {1, 2, 3, 7, 8, 9, 16, 17, 64, 255, 256, 512};
@@ -197,13 +198,9 @@ std::vector<Case> make_cases(int n_threads) {
             if (s.n_in % quant_block_size(type)) continue;
             for (int64_t rows : s.rows) {
                 const kn::MatmulContext* ctx = s.path == PATH_GEMV ? mm_gemv : s.path == PATH_MMA ? mm_mma : mm;
-                const bool cublas_16 = rows >= ctx->gemm_min_rows && type != GGML_TYPE_F32;
-                // COINFER_GEMV_Q8=1 rounds the activations to int8 blocks of 32 for Q4_0, Q8_0 and
-                // Q4_K: NMSE ~3e-5 on Gaussian x, below these types' own weight error.
-                const bool q8_act = gemv_q8 && !cublas_16 &&
-                                    (type == GGML_TYPE_Q4_0 || type == GGML_TYPE_Q8_0 || type == GGML_TYPE_Q4_K);
-                const double bound = q8_act ? 1e-4 : cublas_16 ? 1e-5 : 1e-7;
-                const char* tag = s.path == PATH_GEMV ? "-gemv" : s.path == PATH_MMA ? "-mma" : "";
+                const bool f16_ops = qpack_supported(type) || (rows >= ctx->gemm_min_rows && type != GGML_TYPE_F32);
+                const double bound = f16_ops ? 1e-5 : 1e-7;
+                const char* tag = s.path == PATH_GEMV ? "-invariant" : s.path == PATH_MMA ? "-mma" : "";
                 cases.push_back({fmt::format("matmul{} type={} n_in={} n_out={} rows={}", tag,
                                              ggml_type_name(type), s.n_in, s.n_out, rows),
                                  bound, [=](std::function<void()>& launch) {
@@ -213,13 +210,19 @@ std::vector<Case> make_cases(int n_threads) {
                                      matmul(type, w.data(), s.n_in, s.n_out, x.data(), rows, want.data(), n_threads);
                                      // Copies of W to rotate through when timing, so that repeats read
                                      // device memory rather than the 50 MB L2.
-                                     // Rows padded to the device stride, as the backend uploads them.
+                                     // As the backend uploads them: quantized types packed, dense rows
+                                     // padded to the device stride.
                                      const size_t rb_file = quant_row_bytes(type, s.n_in);
-                                     const size_t rb = kn::weight_row_stride(rb_file);
-                                     const size_t w_bytes = rb * size_t(s.n_out);
+                                     const bool packed = qpack_supported(type);
+                                     const size_t rb = packed ? 0 : kn::weight_row_stride(rb_file);
+                                     const size_t w_bytes = packed ? qpack_size(type, s.n_in, s.n_out) : rb * size_t(s.n_out);
                                      std::vector<uint8_t> wp(w_bytes, 0);
-                                     for (int64_t o = 0; o < s.n_out; ++o)
-                                         std::memcpy(wp.data() + size_t(o) * rb, w.data() + size_t(o) * rb_file, rb_file);
+                                     if (packed)
+                                         qpack_tiles(type, s.n_in, s.n_out, [&](int64_t r) { return w.data() + size_t(r) * rb_file; },
+                                                     0, kn::qpack_row_tiles(s.n_out), wp.data());
+                                     else
+                                         for (int64_t o = 0; o < s.n_out; ++o)
+                                             std::memcpy(wp.data() + size_t(o) * rb, w.data() + size_t(o) * rb_file, rb_file);
                                      const size_t n_copies =
                                          w_bytes < (size_t(1) << 20) ? 1 : std::min<size_t>(16, (size_t(192) << 20) / w_bytes + 1);
                                      auto dw = std::make_shared<Dev<uint8_t>>(w_bytes * n_copies);
