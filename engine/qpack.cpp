@@ -27,16 +27,6 @@ struct Tile256 {
     int sc[16] = {}, mn[16] = {};       // K-quants: per group (8 or 16 groups)
 };
 
-void k4_scale_min(int j, const uint8_t* s, int& sc, int& mn) {
-    if (j < 4) {
-        sc = s[j] & 63;
-        mn = s[j + 4] & 63;
-    } else {
-        sc = (s[j + 4] & 0xf) | ((s[j - 4] >> 6) << 4);
-        mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
-    }
-}
-
 // Values [256 kt, 256 kt + 256) of a row in the file format (past n_in: zeros).
 void decode(int type, const uint8_t* row, int64_t n_in, int64_t kt, Tile256& t) {
     t = Tile256{};

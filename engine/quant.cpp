@@ -252,19 +252,6 @@ void dequant_block(const BlockQ3_K& b, float* y) {
     }
 }
 
-// Q4_K / Q5_K: scale and min of sub-block j (0..7) from the 12 packed bytes.
-// j < 4: low 6 bits of bytes j and j+4. j >= 4: a nibble of byte j+4, plus the top 2 bits of
-// bytes j-4 (scale) and j (min).
-inline void k4_scale_min(int j, const uint8_t* s, int& sc, int& mn) {
-    if (j < 4) {
-        sc = s[j] & 63;
-        mn = s[j + 4] & 63;
-    } else {
-        sc = (s[j + 4] & 0xf) | ((s[j - 4] >> 6) << 4);
-        mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
-    }
-}
-
 void dequant_block(const BlockQ4_K& b, float* y) {
     const float d = load_f16(b.d), dmin = load_f16(b.dmin);
     const uint8_t* q = b.qs;
@@ -843,6 +830,16 @@ void matmul(GgmlType type, const void* w, int64_t n_in, int64_t n_out, const flo
     }
     matmul_range(type, wb, row_bytes, n_in, n_out, x, n_rows_x, y, 0, std::min(n_out, per));
     for (auto& th : threads) th.join();
+}
+
+void k4_scale_min(int j, const uint8_t* s, int& sc, int& mn) {
+    if (j < 4) {
+        sc = s[j] & 63;
+        mn = s[j + 4] & 63;
+    } else {
+        sc = (s[j + 4] & 0xf) | ((s[j - 4] >> 6) << 4);
+        mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
 }
 
 }  // namespace coinfer

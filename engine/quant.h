@@ -41,6 +41,11 @@ void dequantize_row(GgmlType type, const void* src, float* dst, int64_t n);
 // quantizers byte for byte; Q4_K, Q5_K and Q6_K use simple min/max schemes of their own.
 void quantize_row(GgmlType type, const float* src, void* dst, int64_t n);
 
+// Q4_K / Q5_K: scale and min (6 bits each) of sub-block j (0..7) from a super-block's 12 packed
+// bytes. j < 4: low 6 bits of bytes j and j+4; j >= 4: a nibble of byte j+4 plus the top 2 bits
+// of bytes j-4 (scale) and j (min).
+void k4_scale_min(int j, const uint8_t* s, int& sc, int& mn);
+
 // dot(dequant(row), x) in float, without materialising more than one block of the row.
 float vec_dot_row(GgmlType type, const void* row, const float* x, int64_t n);
 

@@ -24,6 +24,7 @@
 #include "matmul_mma.h"
 #include "mma.cuh"
 #include "qpack.h"
+#include "quant_dev.cuh"
 
 namespace coinfer::kernels {
 
@@ -523,23 +524,6 @@ int sm_count() {
     return n;
 }
 
-template <typename F>
-void dispatch_qpack(int type, F&& f) {
-    switch (type) {
-        case QP_Q4_0: return f(std::integral_constant<int, QP_Q4_0>{});
-        case QP_Q4_1: return f(std::integral_constant<int, QP_Q4_1>{});
-        case QP_Q5_0: return f(std::integral_constant<int, QP_Q5_0>{});
-        case QP_Q5_1: return f(std::integral_constant<int, QP_Q5_1>{});
-        case QP_Q8_0: return f(std::integral_constant<int, QP_Q8_0>{});
-        case QP_Q2_K: return f(std::integral_constant<int, QP_Q2_K>{});
-        case QP_Q3_K: return f(std::integral_constant<int, QP_Q3_K>{});
-        case QP_Q4_K: return f(std::integral_constant<int, QP_Q4_K>{});
-        case QP_Q5_K: return f(std::integral_constant<int, QP_Q5_K>{});
-        case QP_Q6_K: return f(std::integral_constant<int, QP_Q6_K>{});
-        default: throw std::runtime_error("kernels: no packed layout for weight type id " + std::to_string(type));
-    }
-}
-
 struct QmmShape {
     int mw, per, splits;
 };
@@ -636,9 +620,11 @@ bool qmm(int type, const void* w, int64_t n_in, int64_t n_out, const float* x, i
     const size_t part_floats = scratch_floats - size_t(used);
     const auto* wb = static_cast<const uint8_t*>(w);
     bool ok = false;
-    dispatch_qpack(type, [&](auto t) {
+    dispatch_weight_type(type, [&](auto t) {
         constexpr int T = decltype(t)::value;
-        if (batch_invariant) {
+        if constexpr (!qpack_type(T)) {
+            return;
+        } else if (batch_invariant) {
             ok = n_rows <= 8 ? launch_qmm<T, 1, true>(wb, n_in, n_out, xh, xl, xm, n_rows, y, part, part_floats, true, stream)
                              : launch_qmm<T, 4, true>(wb, n_in, n_out, xh, xl, xm, n_rows, y, part, part_floats, true, stream);
         } else if (n_rows <= 8) {
@@ -658,12 +644,15 @@ void qpack_dequant_f16(int type, const void* w, int64_t n_in, int64_t n_out, int
     const int64_t n_kt = qpack_k_tiles(n_in);
     const int64_t n_tiles = n_row_tiles * n_kt;
     if (n_tiles == 0) return;
-    dispatch_qpack(type, [&](auto t) {
+    if (!qpack_type(type)) throw std::runtime_error("kernels: no packed layout for weight type id " + std::to_string(type));
+    dispatch_weight_type(type, [&](auto t) {
         constexpr int T = decltype(t)::value;
-        const auto* wb = static_cast<const uint8_t*>(w) + size_t(row_tile0) * size_t(n_kt) * qpack_tile_bytes(T);
-        const int rows = int(std::min<int64_t>(n_out - row_tile0 * 16, n_row_tiles * 16));
-        qpack_dequant_f16_kernel<T><<<unsigned((n_tiles + k_warps - 1) / k_warps), k_threads, 0, stream>>>(
-            wb, int(n_kt), n_tiles, rows, int(n_in), y);
+        if constexpr (qpack_type(T)) {
+            const auto* wb = static_cast<const uint8_t*>(w) + size_t(row_tile0) * size_t(n_kt) * qpack_tile_bytes(T);
+            const int rows = int(std::min<int64_t>(n_out - row_tile0 * 16, n_row_tiles * 16));
+            qpack_dequant_f16_kernel<T><<<unsigned((n_tiles + k_warps - 1) / k_warps), k_threads, 0, stream>>>(
+                wb, int(n_kt), n_tiles, rows, int(n_in), y);
+        }
     });
     CUDA_CHECK_LAUNCH();
 }
