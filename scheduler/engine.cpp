@@ -3,6 +3,7 @@
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
+#include <mutex>
 #include <thread>
 #include <unordered_map>
 #include <unordered_set>
@@ -66,6 +67,7 @@ struct Engine::Impl {
     std::atomic<int32_t> n_not_started{0};  // submitted, not yet admitted to a step
     std::atomic<uint64_t> next_id{1};
     std::atomic<bool> stopping{false};
+    std::mutex submit_mutex;  // orders submissions against shutdown(): none is queued after it
     std::thread thread;
 
     std::unordered_map<SeqId, std::unique_ptr<Active>> active;  // step-loop thread only
@@ -115,8 +117,14 @@ Engine::Engine(asio::any_io_executor ex, EngineOptions opt) : executor_(std::mov
     im.thread = std::thread([&im] { im.run(); });
 }
 
-Engine::~Engine() {
-    impl_->stopping.store(true);
+Engine::~Engine() { shutdown(); }
+
+void Engine::shutdown() {
+    if (!impl_->thread.joinable()) return;
+    {
+        std::lock_guard lock(impl_->submit_mutex);
+        impl_->stopping.store(true);
+    }
     impl_->queue.enqueue(nullptr);  // wakes an idle loop
     impl_->thread.join();
     // A submission that raced with shutdown past the loop's last drain still has to hear.
@@ -172,6 +180,7 @@ Engine::Prepared Engine::prepare(const Request& req) {
 std::error_code Engine::submit(Prepared p) {
     Impl& im = *impl_;
     std::error_code ec;
+    std::unique_lock lock(im.submit_mutex);
     if (im.stopping.load()) {
         ec = EngineErrc::stopped;
     } else if (im.n_not_started.fetch_add(1) >= im.opt.max_waiting) {
@@ -179,6 +188,7 @@ std::error_code Engine::submit(Prepared p) {
         ec = EngineErrc::queue_full;
     }
     if (ec) {
+        lock.unlock();
         // The request never started: finishing it tells a waiting handler (async_complete).
         p.state->finish(FINISH_REASON_ERROR, ec, ec.message(), 0);
         return ec;

@@ -134,7 +134,11 @@ class Engine {
 public:
     // Loads the model (or takes opt.loaded), creates the backend and starts the step loop.
     Engine(asio::any_io_executor ex, EngineOptions opt);
-    ~Engine();  // stops the loop; unfinished requests end with EngineErrc::stopped
+    ~Engine();  // shutdown()
+    // Stops the step loop (after the step on the device, whose tokens are delivered): every
+    // unfinished request ends with EngineErrc::stopped, later ones are refused with it. Returns
+    // once the loop has ended; idempotent. Call it from one thread at a time.
+    void shutdown();
     Engine(const Engine&) = delete;
     Engine& operator=(const Engine&) = delete;
 

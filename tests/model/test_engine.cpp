@@ -12,6 +12,7 @@
 #include <random>
 #include <thread>
 
+#include <asio/experimental/as_tuple.hpp>
 #include <asio/experimental/awaitable_operators.hpp>
 
 #include "engine/generate.h"
@@ -343,6 +344,53 @@ TEST_CASE("the stream's next() also takes callbacks, and cancellation through a 
         std::this_thread::sleep_for(std::chrono::milliseconds(10));
     CHECK(engine.stats().kv_blocks_free == free_before);
     CHECK(engine.stats().n_requests_cancelled >= 1);
+}
+
+TEST_CASE("shutdown() ends running and waiting requests with stopped, refuses later ones, and is idempotent") {
+    if (!stories()) return;
+    asio::io_context io;
+    EngineOptions o = options();
+    o.planner.max_seqs = 2;  // 2 run, 4 wait
+    Engine engine(io.get_executor(), o);
+    std::vector<TokenStream> streams;
+    for (int i = 0; i < 6; ++i) {
+        Request r = greedy(k_prompts[i], 1500);
+        r.ignore_eos = true;
+        streams.push_back(engine.generate(r));
+    }
+    int n_stopped = 0, n_before = 0;
+    for (size_t i = 0; i < streams.size(); ++i)
+        asio::co_spawn(io, [&, i]() -> asio::awaitable<void> {
+            TokenStream& s = streams[i];
+            const auto tok = asio::experimental::as_tuple(asio::use_awaitable);
+            if (i == 0) {
+                // A few tokens in, shut down from the io thread (as a server's signal handler does).
+                while (n_before < 4) {
+                    auto [ec, ev] = co_await s.async_next(tok);
+                    if (ec || !ev) break;
+                    ++n_before;
+                }
+                engine.shutdown();
+                engine.shutdown();
+            }
+            for (;;) {
+                auto [ec, ev] = co_await s.async_next(tok);
+                if (ec) {
+                    n_stopped += ec == EngineErrc::stopped && s.error() == EngineErrc::stopped;
+                    break;
+                }
+                if (!ev) break;
+            }
+        }, asio::detached);
+    io.run();
+    CHECK(n_before == 4);
+    CHECK(n_stopped == 6);
+    try {
+        engine.generate(greedy("Mom said", 4));
+        CHECK(false);
+    } catch (const EngineError& e) {
+        CHECK(e.code() == EngineErrc::stopped);
+    }
 }
 
 TEST_CASE("--max-waiting overflow fails at once with queue_full and leaks nothing") {
