@@ -1,7 +1,9 @@
 // coinfer serve: the OpenAI-compatible HTTP server (see server/server.h).
 #include <csignal>
 #include <filesystem>
+#include <functional>
 
+#include <asio/experimental/as_tuple.hpp>
 #include <fmt/format.h>
 
 #include "commands.h"
@@ -37,6 +39,12 @@ int cmd_serve(Args& args) {
             "                           page ('*': any); requests with another Origin get 403\n"
             "  --timeout-s S            header/body read and stalled-write timeout (default 30)\n"
             "  --keep-alive-s S         idle keep-alive connections close after this (default 60)\n"
+            "  --max-connections N      open connections; more get 503 (default 1024)\n"
+            "  --max-pipelined N        requests queued per connection before reading pauses (default 64)\n"
+            "  --max-buffered-bytes B   request bytes held per connection before reading pauses\n"
+            "                           (default 4194304)\n"
+            "  --drain-s S              on SIGTERM/SIGINT, running requests get this long to finish\n"
+            "                           (default 30; a second signal exits at once)\n"
             "  --chat-template NAME     llama2, llama3, chatml, mistral, zephyr or phi3\n"
             "                           (default: recognised from the model)\n"
             "  --model-name NAME        the model id clients see (default: the file name)\n"
@@ -62,6 +70,12 @@ int cmd_serve(Args& args) {
     const double keep_alive = args.float_value("--keep-alive-s").value_or(60.0);
     if (!(keep_alive > 0 && keep_alive <= 86400)) throw UsageError("--keep-alive-s must be in (0, 86400]");
     sopt.keep_alive_s = keep_alive;
+    sopt.max_connections = static_cast<size_t>(int_in(args, "--max-connections", 1024, 1, 1 << 20));
+    sopt.max_pipelined = static_cast<size_t>(int_in(args, "--max-pipelined", 64, 1, 1 << 16));
+    sopt.max_buffered_bytes =
+        static_cast<size_t>(int_in(args, "--max-buffered-bytes", 4 << 20, 1, int64_t(1) << 34));
+    const double drain_s = args.float_value("--drain-s").value_or(30.0);
+    if (!(drain_s >= 0 && drain_s <= 86400)) throw UsageError("--drain-s must be in [0, 86400]");
 
     server::ApiOptions aopt;
     aopt.api_key = args.value("--api-key");
@@ -115,12 +129,56 @@ int cmd_serve(Args& args) {
     server::Server srv(io, api, metrics, sopt);
     srv.start();
 
+    // Shutdown. First signal: stop accepting, let running requests finish for --drain-s, then
+    // end what is left (streams get a final error event and [DONE], others 503: the engine
+    // stops, see Engine::shutdown) and exit 0 once every connection has closed. Second signal:
+    // exit at once.
     asio::signal_set signals(io, SIGINT, SIGTERM);
-    signals.async_wait([&](const asio::error_code& ec, int sig) {
+    asio::steady_timer drain_timer(io);
+    bool draining = false;
+    auto finish = [&] {
+        srv.stop();
+        signals.cancel();
+        drain_timer.cancel();
+    };
+    std::function<void(const asio::error_code&, int)> on_signal = [&](const asio::error_code& ec, int sig) {
         if (ec) return;
-        fmt::print(stderr, "coinfer serve: {} received, shutting down\n", sig == SIGINT ? "SIGINT" : "SIGTERM");
-        srv.stop();  // closes connections; their generations are cancelled
-    });
+        const char* name = sig == SIGINT ? "SIGINT" : "SIGTERM";
+        if (draining) {
+            fmt::print(stderr, "coinfer serve: second {}, exiting now\n", name);
+            finish();
+            io.stop();
+            return;
+        }
+        draining = true;
+        fmt::print(stderr, "coinfer serve: {} received, draining ({} connections open, up to {} s)\n", name,
+                   srv.open_connections(), drain_s);
+        srv.drain();
+        signals.async_wait(on_signal);
+        asio::co_spawn(
+            io,
+            [&, deadline = std::chrono::steady_clock::now() + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                                                               std::chrono::duration<double>(drain_s))]() -> asio::awaitable<void> {
+                auto wait_closed = [&](std::chrono::steady_clock::time_point until) -> asio::awaitable<bool> {
+                    while (srv.open_connections() > 0 && std::chrono::steady_clock::now() < until) {
+                        drain_timer.expires_after(std::chrono::milliseconds(20));
+                        auto [e] = co_await drain_timer.async_wait(asio::experimental::as_tuple(asio::use_awaitable));
+                        if (e) co_return false;  // cancelled: a second signal
+                    }
+                    co_return srv.open_connections() == 0;
+                };
+                if (!co_await wait_closed(deadline)) {
+                    if (!draining || io.stopped()) co_return;
+                    fmt::print(stderr, "coinfer serve: drain time over, ending {} connections' requests\n",
+                               srv.open_connections());
+                    engine.shutdown();
+                    co_await wait_closed(std::chrono::steady_clock::now() + std::chrono::seconds(5));
+                }
+                finish();
+            },
+            asio::detached);
+    };
+    signals.async_wait(on_signal);
     std::signal(SIGPIPE, SIG_IGN);
 
     fmt::print("coinfer serve: listening on http://{}:{}\n", sopt.host, srv.port());

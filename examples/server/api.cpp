@@ -115,6 +115,9 @@ int json_depth(std::string_view s) {
 
 json parse_body(const std::string& body) {
     if (body.empty()) bad("", "the request body is empty; send a JSON object");
+    // JSON text never holds a raw NUL (not even in strings), and the parser would stop reading
+    // at one, taking the bytes before it for the whole request.
+    if (body.find('\0') != std::string::npos) bad("", "invalid JSON: the body contains a NUL byte");
     // Depth is limited so that hostile nesting cannot exhaust the stack (nlohmann destroys
     // values recursively). Checked before parsing: a parser callback would make nlohmann
     // re-check a parent array after every element, quadratic in a wide array.

@@ -125,7 +125,8 @@ bool Parser::finish_head() {
     size_t q = req_.target.find('?');
     req_.path = req_.target.substr(0, q);
     req_.query = q == std::string::npos ? std::string() : req_.target.substr(q + 1);
-    req_.body.reserve(body_length_);
+    // Memory follows the bytes that arrive, not the Content-Length a client announces.
+    req_.body.reserve(std::min<size_t>(body_length_, 64 * 1024));
     return true;
 }
 

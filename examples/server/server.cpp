@@ -65,6 +65,16 @@ public:
         if (registry_) registry_->erase(this);
     }
 
+    // Server::drain(): an idle connection closes now; a busy one after its current response.
+    void begin_drain() {
+        server_draining_ = true;
+        if (!busy_ && queue_.empty() && !parser_.started()) {
+            close();
+            return;
+        }
+        handler_wake_.cancel();
+    }
+
     // ---- Exchange ----
     const http::Request& request() const override { return current_; }
     Clock::time_point received_at() const override { return received_at_; }
@@ -113,6 +123,7 @@ private:
         Clock::time_point received;
         int error_status = 0;  // a parse error to answer, then close
         std::string error_message;
+        size_t bytes = 0;      // of its body, held until it is answered
     };
 
     void notify_peer_closed() {
@@ -133,6 +144,11 @@ private:
             co_return false;
         }
         co_return true;
+    }
+
+    // Pipelining back-pressure: enough requests, or request bytes, are waiting to be answered.
+    bool backlogged() const {
+        return queue_.size() >= opt_.max_pipelined || queued_bytes_ + inbuf_.size() >= opt_.max_buffered_bytes;
     }
 
     // Header and body timeouts run from a request's first byte and from the end of its head.
@@ -159,13 +175,15 @@ private:
     asio::awaitable<void> reader() {
         std::string buf(16 * 1024, '\0');
         for (;;) {
-            // Parse whatever is buffered, up to the pipelining limit.
-            while (!draining_ && !inbuf_.empty() && queue_.size() < opt_.max_pipelined) {
+            // Parse whatever is buffered, up to the pipelining limits.
+            while (!draining_ && !inbuf_.empty() && !backlogged()) {
                 size_t n_used = 0;
                 http::ParseStatus st = parser_.feed(inbuf_, n_used);
                 inbuf_.erase(0, n_used);
                 if (st == http::PARSE_STATUS_DONE) {
-                    queue_.push_back(Item{std::move(parser_.request()), Clock::now(), 0, {}});
+                    const size_t bytes = parser_.request().body.size();
+                    queued_bytes_ += bytes;
+                    queue_.push_back(Item{std::move(parser_.request()), Clock::now(), 0, {}, bytes});
                     parser_.reset();
                     phase_ = PHASE_IDLE;
                     handler_wake_.cancel();
@@ -194,7 +212,7 @@ private:
                 }
             }
             if (!parser_.in_body()) sent_continue_ = false;
-            if (!draining_ && queue_.size() >= opt_.max_pipelined && !inbuf_.empty()) {
+            if (!draining_ && backlogged() && !inbuf_.empty()) {
                 // Pipelining back-pressure: wait for the handler to take requests.
                 reader_wake_.expires_at(k_never);
                 co_await reader_wake_.async_wait(k_use_tuple);
@@ -226,9 +244,17 @@ private:
             if (closed_ || queue_.empty()) break;
             Item item = std::move(queue_.front());
             queue_.pop_front();
+            queued_bytes_ -= item.bytes;
             reader_wake_.cancel();
             busy_ = true;
             update_read_deadline();
+            if (server_draining_) {
+                current_ = std::move(item.req);
+                keep_alive_ = false;
+                received_at_ = item.received;
+                co_await respond_error(503, "the server is shutting down");
+                break;
+            }
             if (item.error_status) {
                 current_ = http::Request{};
                 keep_alive_ = false;
@@ -248,7 +274,7 @@ private:
             }
             peer_hook_ = nullptr;
             busy_ = false;
-            if (closed_ || !keep_alive_) break;
+            if (closed_ || !keep_alive_ || server_draining_) break;
             update_read_deadline();
         }
         handler_done_ = true;
@@ -284,7 +310,18 @@ private:
     asio::awaitable<void> watchdog() {
         const double tick = std::clamp(std::min(opt_.timeout_s, opt_.keep_alive_s) / 4, 0.05, 1.0);
         while (!closed_) {
-            if (Clock::now() >= std::min(read_deadline_, write_deadline_)) {
+            const auto now = Clock::now();
+            if (now >= std::min(read_deadline_, write_deadline_)) {
+                // A request that stopped arriving mid-head or mid-body hears 408 (when nothing
+                // else is being written); an idle keep-alive connection just closes.
+                if (now >= read_deadline_ && write_deadline_ == k_never && phase_ != PHASE_IDLE && !busy_ &&
+                    queue_.empty() && !draining_) {
+                    draining_ = true;
+                    busy_ = true;
+                    keep_alive_ = false;
+                    current_ = http::Request{};
+                    co_await respond_error(408, "the request did not arrive in time");
+                }
                 close();
                 co_return;
             }
@@ -322,6 +359,8 @@ private:
     bool peer_closed_ = false;
     bool closed_ = false;
     bool handler_done_ = false;
+    bool server_draining_ = false;
+    size_t queued_bytes_ = 0;
     std::function<void()> peer_hook_;
 
     friend class Server;
@@ -362,9 +401,38 @@ asio::awaitable<void> Server::accept_loop() {
             co_await t.async_wait(k_use_tuple);
             continue;
         }
+        if (connections_->size() >= opt_.max_connections) {
+            // Over the cap: a short 503, then close (the client hears why instead of hanging
+            // in the backlog).
+            const auto now = Clock::now();
+            if (now - last_refusal_log_ >= std::chrono::seconds(1)) {
+                last_refusal_log_ = now;
+                fmt::print(stderr, "coinfer serve: {} connections open (--max-connections), refusing new ones\n",
+                           connections_->size());
+            }
+            auto s = std::make_shared<tcp::socket>(std::move(sock));
+            static const std::string k_busy = http::format_response(
+                503, "application/json",
+                R"({"error":{"message":"too many open connections","type":"server_error","param":null,"code":503}})",
+                false, "Retry-After: 1\r\n");
+            asio::async_write(*s, asio::buffer(k_busy), [s](const asio::error_code&, size_t) {
+                asio::error_code ec;
+                s->shutdown(tcp::socket::shutdown_send, ec);
+                s->close(ec);
+            });
+            continue;
+        }
         auto conn = std::make_shared<Connection>(std::move(sock), *this);
         conn->start(connections_);
     }
+}
+
+void Server::drain() {
+    stopping_ = true;
+    asio::error_code ec;
+    acceptor_.close(ec);
+    std::vector<Connection*> conns(connections_->begin(), connections_->end());
+    for (Connection* c : conns) c->begin_drain();
 }
 
 void Server::stop() {

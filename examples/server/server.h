@@ -33,6 +33,8 @@ struct ServerOptions {
     double timeout_s = 30;          // header and body read timeouts, and a stalled write
     double keep_alive_s = 60;       // an idle keep-alive connection is closed after this
     size_t max_pipelined = 64;      // parsed requests queued per connection before reading pauses
+    size_t max_buffered_bytes = size_t(4) << 20;  // request bytes held per connection before reading pauses
+    size_t max_connections = 1024;  // open connections; more are answered 503 and closed
 };
 
 struct ApiOptions {
@@ -86,6 +88,10 @@ public:
     uint16_t port() const { return port_; }
     // Stops accepting and closes every connection (their requests are cancelled).
     void stop();
+    // Graceful shutdown, first part: stops accepting; idle connections close now, busy ones
+    // after their current response (requests queued behind it get 503).
+    void drain();
+    size_t open_connections() const { return connections_->size(); }
 
     Api& api() { return api_; }
     Metrics& metrics() { return metrics_; }
@@ -101,6 +107,7 @@ private:
     asio::ip::tcp::acceptor acceptor_;
     uint16_t port_ = 0;
     bool stopping_ = false;
+    std::chrono::steady_clock::time_point last_refusal_log_{};
     // Open connections, so stop() can close them. Shared: a connection may outlive the server
     // object if the io_context is torn down with coroutines still suspended.
     std::shared_ptr<std::unordered_set<Connection*>> connections_;

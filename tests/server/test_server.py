@@ -380,7 +380,7 @@ def test_hostile_http(srv):
         got = None
     dt = time.time() - t0
     s.close()
-    check("unfinished headers closed after timeout", got is not None and status_of(got) in (None, 408)
+    check("unfinished headers: 408 after timeout", got is not None and status_of(got) == 408
           and 1.5 <= dt <= 8, (got, dt))
     # A slowloris that trickles header bytes is closed too.
     s = socket.create_connection((srv.host, srv.port), timeout=15)
@@ -395,11 +395,25 @@ def test_hostile_http(srv):
         closed = True
     if not closed:
         try:
-            closed = s.recv(1024) == b""
+            got = s.recv(1024)
+            # It hears 408, then the close.
+            closed = got == b"" or (status_of(got) == 408 and s.recv(1024) == b"")
         except OSError:
             closed = True
     s.close()
     check("slowloris closed", closed and time.time() - t0 < 9, time.time() - t0)
+    # A body that stops arriving: 408 too.
+    s = socket.create_connection((srv.host, srv.port), timeout=15)
+    s.sendall(b"POST /tokenize HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n{\"content\":")
+    try:
+        got = s.recv(1024)
+    except OSError:
+        got = None
+    s.close()
+    check("stalled body -> 408", got is not None and status_of(got) == 408, got)
+    # Bytes after a NUL are not ignored: the body is not JSON.
+    st, _, body = srv.request("POST", "/v1/completions", body=b'{"prompt":"hi","max_tokens":1}\x00{"x":1}')
+    check("NUL in body -> 400", st == 400, (st, body[:200]))
     # Malformed requests get 400 and a close.
     for name, data, want in [
         ("bare LF", b"GET /health HTTP/1.1\nHost: t\n\n", 400),
@@ -600,6 +614,107 @@ def test_bad_start():
     check("unknown chat template fails at start", r.returncode != 0 and "nonesuch" in r.stderr, r.stderr)
 
 
+def test_max_connections():
+    srv = Server("--max-connections", "2")
+    try:
+        a = socket.create_connection((srv.host, srv.port), timeout=10)
+        b = socket.create_connection((srv.host, srv.port), timeout=10)
+        time.sleep(0.3)  # both accepted
+        raw = raw_exchange(srv, b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+        check("over --max-connections -> 503", status_of(raw) == 503 and b"Retry-After: 1" in raw, raw[:200])
+        a.close()
+        b.close()
+        time.sleep(0.3)
+        check("below the cap again: served", srv.healthy())
+    finally:
+        srv.stop()
+    err = srv.proc.stderr.read()
+    check("refusal logged", "--max-connections" in err, err[-500:])
+
+
+def signal_server(srv, sig):
+    import signal
+    srv.proc.send_signal(getattr(signal, sig))
+
+
+def run_streams(srv, n, max_tokens, results):
+    def client(i):
+        try:
+            results[i] = srv.stream("/v1/completions", {"prompt": "Once upon a time", "max_tokens": max_tokens,
+                                                        "ignore_eos": True, "stream": True})
+        except Exception as e:  # noqa: BLE001 - recorded and checked
+            results[i] = ("exception", repr(e), False)
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def test_drain():
+    # Everything running finishes inside --drain-s; new connections are refused meanwhile.
+    srv = Server("--drain-s", "30")
+    try:
+        results = [None] * 8
+        threads = run_streams(srv, 8, 200, results)
+        time.sleep(0.05)
+        signal_server(srv, "SIGTERM")
+        time.sleep(0.05)
+        try:
+            socket.create_connection((srv.host, srv.port), timeout=2).close()
+            refused = False
+        except OSError:
+            refused = True
+        for t in threads:
+            t.join(60)
+        done = [r for r in results if r and r[0] == 200 and r[2]]
+        finished = [r for r in done if r[1] and r[1][-1]["choices"][0].get("finish_reason") == "length"]
+        check("drain: new connections refused", refused)
+        check("drain: every running stream completes", len(finished) == len(results),
+              [(r[0], r[1][-1] if r and r[1] else None) for r in results if r not in finished][:3])
+        srv.proc.wait(timeout=30)
+        check("drain: exit 0 after the streams", srv.proc.returncode == 0, srv.proc.returncode)
+    finally:
+        srv.stop()
+    # Past --drain-s the rest end with an error event and [DONE], and the server exits 0.
+    srv = Server("--drain-s", "0.2", "--max-seqs", "2")
+    try:
+        results = [None] * 64
+        threads = run_streams(srv, 64, 1000, results)
+        time.sleep(0.3)
+        signal_server(srv, "SIGTERM")
+        for t in threads:
+            t.join(60)
+        ended = all(r is not None and (r[0] != 200 or r[2]) for r in results)
+        stopped = [r for r in results if r and r[0] == 200 and r[1] and "error" in r[1][-1]]
+        refused = [r for r in results if r and r[0] == 503]
+        check("drain over: every stream ends with [DONE] or a 503", ended,
+              [r[:1] + (r[1][-1:] if r and r[0] == 200 else r[1:2],) for r in results if r][:4])
+        check("drain over: cut streams say why", len(stopped) + len(refused) > 0 and
+              all(r[1][-1]["error"].get("code") == "engine_stopped" for r in stopped),
+              [r[1][-1] for r in stopped][:2])
+        srv.proc.wait(timeout=30)
+        check("drain over: exit 0", srv.proc.returncode == 0, srv.proc.returncode)
+    finally:
+        srv.stop()
+    # A second signal exits at once.
+    srv = Server("--drain-s", "60", "--max-seqs", "2")
+    try:
+        results = [None] * 64
+        threads = run_streams(srv, 64, 1000, results)
+        time.sleep(0.3)
+        signal_server(srv, "SIGTERM")
+        time.sleep(0.2)
+        t0 = time.time()
+        signal_server(srv, "SIGINT")
+        srv.proc.wait(timeout=30)
+        check("second signal: exits at once", time.time() - t0 < 5 and srv.proc.returncode == 0,
+              (time.time() - t0, srv.proc.returncode))
+        for t in threads:
+            t.join(30)
+    finally:
+        srv.stop()
+
+
 def main():
     if not os.path.exists(STORIES):
         print(f"SKIP: {STORIES} not found (set COINFER_TEST_MODELS)")
@@ -627,6 +742,8 @@ def main():
           err[-2000:])
     test_api_key()
     test_bad_start()
+    test_max_connections()
+    test_drain()
     print(f"{passed} passed, {len(failures)} failed")
     return 1 if failures else 0
 
