@@ -9,13 +9,21 @@
 #include <cmath>
 #include <ctime>
 #include <limits>
+#include <mutex>
 #include <random>
 #include <string_view>
+#include <thread>
 #include <variant>
 
 #include <asio/experimental/as_tuple.hpp>
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
+
+#ifdef __linux__
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include "index_html.h"  // generated from server/web/index.html
 #include "server.h"
@@ -92,11 +100,17 @@ bool valid_utf8(std::string_view s) {
     return true;
 }
 
-// The deepest nesting of arrays and objects in a JSON text, strings skipped; one linear pass.
-// Malformed text is left to the parser.
-int json_depth(std::string_view s) {
-    int depth = 0, max_depth = 0;
+// The deepest nesting of arrays and objects in a JSON text and how many values it holds (the
+// commas and containers outside strings), one linear pass. Malformed text is left to the parser.
+struct JsonShape {
+    int depth = 0;
+    size_t values = 0;
+};
+JsonShape json_shape(std::string_view s) {
+    JsonShape r;
+    int depth = 0;
     bool in_string = false;
+    size_t commas = 0, containers = 0;
     for (size_t i = 0; i < s.size(); ++i) {
         const char ch = s[i];
         if (in_string) {
@@ -105,15 +119,21 @@ int json_depth(std::string_view s) {
         } else if (ch == '"') {
             in_string = true;
         } else if (ch == '[' || ch == '{') {
-            max_depth = std::max(max_depth, ++depth);
+            r.depth = std::max(r.depth, ++depth);
+            ++containers;
         } else if (ch == ']' || ch == '}') {
             --depth;
+        } else if (ch == ',') {
+            ++commas;
         }
     }
-    return max_depth;
+    r.values = commas + containers + 1;
+    return r;
 }
 
-json parse_body(const std::string& body) {
+// max_values: the most JSON values a body may hold (a prompt of token ids is the largest legitimate
+// array); more are refused before parsing, which would cost ~0.25 us a value on this thread.
+json parse_body(const std::string& body, size_t max_values) {
     if (body.empty()) bad("", "the request body is empty; send a JSON object");
     // JSON text never holds a raw NUL (not even in strings), and the parser would stop reading
     // at one, taking the bytes before it for the whole request.
@@ -121,7 +141,11 @@ json parse_body(const std::string& body) {
     // Depth is limited so that hostile nesting cannot exhaust the stack (nlohmann destroys
     // values recursively). Checked before parsing: a parser callback would make nlohmann
     // re-check a parent array after every element, quadratic in a wide array.
-    if (json_depth(body) > k_max_json_depth) bad("", fmt::format("JSON nested deeper than {}", k_max_json_depth));
+    const JsonShape shape = json_shape(body);
+    if (shape.depth > k_max_json_depth) bad("", fmt::format("JSON nested deeper than {}", k_max_json_depth));
+    if (shape.values > max_values)
+        bad("", fmt::format("the body holds {} JSON values; at most {} (arrays and messages beyond the context)",
+                            shape.values, max_values));
     json j;
     try {
         j = json::parse(body);
@@ -200,9 +224,10 @@ bool is_token_array(const json& j) {
     return true;
 }
 
-std::string random_hex(std::mt19937_64& rng, int n) {
+template <typename Rng>
+std::string random_hex(Rng&& next, int n) {
     std::string s;
-    while (static_cast<int>(s.size()) < n) s += fmt::format("{:016x}", rng());
+    while (static_cast<int>(s.size()) < n) s += fmt::format("{:016x}", next());
     return s.substr(0, static_cast<size_t>(n));
 }
 
@@ -249,11 +274,23 @@ struct Api::Impl {
     ChatTemplate chat;
     Metrics& metrics;
     ApiOptions opt;
-    std::mt19937_64 rng{std::random_device{}()};
     const int64_t started = static_cast<int64_t>(std::time(nullptr));
+    // Request bodies are parsed, templated and tokenized here, off the io thread, so that a
+    // megabyte of JSON delays no one's tokens (see handle()).
+    asio::thread_pool workers;
 
     Impl(Engine& e, ChatTemplate c, Metrics& m, ApiOptions o)
-        : engine(e), chat(std::move(c)), metrics(m), opt(std::move(o)) {}
+        : engine(e),
+          chat(std::move(c)),
+          metrics(m),
+          opt(std::move(o)),
+          workers(std::clamp<size_t>(std::thread::hardware_concurrency() / 2, 1, 8)) {}
+
+    // Seeds and ids, from the workers and the io thread alike.
+    uint64_t random() {
+        std::lock_guard lock(rng_mutex);
+        return rng();
+    }
 
     const Tokenizer& tokenizer() const { return engine.model().tokenizer(); }
     int32_t n_vocab() const { return tokenizer().n_vocab(); }
@@ -268,6 +305,10 @@ struct Api::Impl {
     void refuse_if_cannot_fit(std::string_view text, const char* param) const;
     bool origin_allowed(std::string_view origin, std::optional<std::string_view> host) const;
     std::string piece(TokenId id) const { return tokenizer().token_to_piece(id, true); }
+
+private:
+    std::mutex rng_mutex;
+    std::mt19937_64 rng{std::random_device{}()};
 };
 
 Api::Api(Engine& engine, ChatTemplate chat, Metrics& metrics, ApiOptions opt)
@@ -291,7 +332,7 @@ void Api::Impl::parse_sampling(const json& body, GenSpec& g) {
         if (!f->is_number_integer()) bad("seed", "'seed' must be an integer");
         sp.seed = f->is_number_unsigned() ? f->get<uint64_t>() : static_cast<uint64_t>(f->get<int64_t>());
     } else {
-        sp.seed = rng();
+        sp.seed = random();
     }
     if (const json* f = field(body, "logit_bias")) {
         if (!f->is_object()) bad("logit_bias", "'logit_bias' must be an object mapping token ids to biases");
@@ -507,7 +548,7 @@ asio::awaitable<void> Api::Impl::generate(Exchange& ex, GenSpec& g) {
         ~PeerHookReset() { e.on_peer_closed(nullptr); }
     } peer_hook_reset{ex};
 
-    const std::string id = (g.chat ? "chatcmpl-" : "cmpl-") + random_hex(rng, 24);
+    const std::string id = (g.chat ? "chatcmpl-" : "cmpl-") + random_hex([this] { return random(); }, 24);
     const int64_t created = static_cast<int64_t>(std::time(nullptr));
     const int64_t n_prompt = static_cast<int64_t>(stream->prompt_ids().size());
     const std::string object = g.chat ? "chat.completion.chunk" : "text_completion";
@@ -659,6 +700,17 @@ asio::awaitable<void> Api::Impl::generate(Exchange& ex, GenSpec& g) {
 
 // ---- routing ----
 
+// The workers' parsing is background work next to the io thread (which writes everyone's
+// tokens) and the engine's step thread: on a machine with few cores it takes what they leave.
+void lower_this_thread_priority() {
+#ifdef __linux__
+    thread_local bool done = false;
+    if (done) return;
+    done = true;
+    setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), 10);
+#endif
+}
+
 // A whole reply, decided without suspending (GCC 12 coroutines and brace-init temporaries
 // do not mix, so handle() only co_awaits plain strings).
 struct Reply {
@@ -737,7 +789,8 @@ std::variant<Reply, GenSpec> Api::Impl::route(const http::Request& r) {
             reply.body = dump(json{{"object", "list"}, {"data", json::array({m})}});
             return reply;
         }
-        const json body = parse_body(r.body);
+        // A prompt of token ids (the longest legitimate array) holds up to the context.
+        const json body = parse_body(r.body, std::max<size_t>(size_t(1) << 16, 2 * size_t(std::max(opt.n_ctx, 0))));
         if (path == "/tokenize") {
             std::optional<std::string> text = opt_string(body, "content");
             if (!text) text = opt_string(body, "prompt");
@@ -766,7 +819,19 @@ std::variant<Reply, GenSpec> Api::Impl::route(const http::Request& r) {
 }
 
 asio::awaitable<void> Api::Impl::handle(Exchange& ex) {
-    auto routed = route(ex.request());
+    // Requests with a body go to a worker for route() (parsing, the chat template,
+    // tokenization), then come back to the io thread for the engine and the connection. The
+    // request stays put meanwhile: its connection handles one at a time.
+    std::variant<Reply, GenSpec> routed;
+    if (ex.request().method == "POST") {
+        auto io_executor = co_await asio::this_coro::executor;
+        co_await asio::post(workers, asio::use_awaitable);
+        lower_this_thread_priority();
+        routed = route(ex.request());
+        co_await asio::post(io_executor, asio::use_awaitable);
+    } else {
+        routed = route(ex.request());
+    }
     if (auto* reply = std::get_if<Reply>(&routed)) {
         co_await ex.respond(reply->status, reply->content_type, reply->body, reply->extra_headers);
         co_return;

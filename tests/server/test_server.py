@@ -614,6 +614,56 @@ def test_bad_start():
     check("unknown chat template fails at start", r.returncode != 0 and "nonesuch" in r.stderr, r.stderr)
 
 
+STREAM_GAPS = r"""
+import http.client, json, sys, time
+c = http.client.HTTPConnection(sys.argv[1], int(sys.argv[2]), timeout=60)
+c.request("POST", "/v1/completions", body=json.dumps(
+    {"prompt": "Once upon a time", "max_tokens": 1900, "ignore_eos": True, "stream": True}))
+r = c.getresponse()
+last, gaps = None, []
+for raw in r:
+    now = time.monotonic()
+    if raw.startswith(b"data: "):
+        if last is None:
+            print("started", flush=True)
+        else:
+            gaps.append(now - last)
+        last = now
+print(json.dumps({"n": len(gaps), "worst": max(gaps) if gaps else None}), flush=True)
+"""
+
+
+def test_hostile_bodies_do_not_stall(srv):
+    """Big bodies are parsed off the io thread: a running stream keeps its pace meanwhile."""
+    # A wide array (refused by its value count before parsing) and a chat of 15,000 messages
+    # (parsed and templated on a worker, then too long for the context).
+    wide = json.dumps({"prompt": "hi", "max_tokens": 1, "x": [0] * 340000}).encode()  # just under 1 MiB
+    msgs = json.dumps({"messages": [{"role": "user", "content": "a"}] * 15000, "max_tokens": 1}).encode()
+    statuses = []
+
+    def hostile(path, body):
+        st, _, _ = srv.request("POST", path, body=body, timeout=60)
+        statuses.append(st)
+
+    # The stream is read by a process of its own, so that this one's threads cannot delay it.
+    reader = subprocess.Popen([sys.executable, "-c", STREAM_GAPS, srv.host, str(srv.port)], stdout=subprocess.PIPE,
+                              text=True)
+    first = reader.stdout.readline()
+    hs = [threading.Thread(target=hostile, args=("/v1/completions", wide)) for _ in range(16)]
+    hs += [threading.Thread(target=hostile, args=("/v1/chat/completions", msgs)) for _ in range(4)]
+    for h in hs:
+        h.start()
+    for h in hs:
+        h.join(60)
+    out, _ = reader.communicate(timeout=60)
+    res = json.loads(out.strip().splitlines()[-1]) if first.startswith("started") and out.strip() else {}
+    check("hostile bodies answered", len(statuses) == 20 and all(st in (200, 400) for st in statuses), statuses)
+    worst = res.get("worst")
+    print(f"  stream gaps while 20 hostile bodies were parsed: {res.get('n')} gaps, worst "
+          f"{worst * 1000 if worst is not None else float('nan'):.1f} ms")
+    check("a running stream's inter-token gap stays under 100 ms", worst is not None and worst < 0.1, res)
+
+
 def test_max_connections():
     srv = Server("--max-connections", "2")
     try:
@@ -732,6 +782,7 @@ def main():
         test_pipelining(srv)
         test_concurrent_streams(srv)
         test_disconnects(srv)
+        test_hostile_bodies_do_not_stall(srv)
         check("server still running", srv.proc.poll() is None, srv.proc.poll())
     finally:
         srv.stop()
