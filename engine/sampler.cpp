@@ -352,21 +352,51 @@ float token_logprob(const float* logits, int32_t n_vocab, int32_t id) {
     return logprob_from_terms(logits[id], log_softmax_terms(logits, n_vocab));
 }
 
-StopMatcher::StopMatcher(std::vector<std::string> stops) : stops_(std::move(stops)) {}
+StopMatcher::StopMatcher(std::vector<std::string> stops) : stops_(std::move(stops)) {
+    // KMP failure links: fail_[s][k] = the longest proper prefix of stop s that is also a suffix
+    // of its first k + 1 bytes.
+    fail_.resize(stops_.size());
+    state_.assign(stops_.size(), 0);
+    for (size_t s = 0; s < stops_.size(); ++s) {
+        const std::string& p = stops_[s];
+        std::vector<uint32_t>& f = fail_[s];
+        f.assign(p.size(), 0);
+        uint32_t k = 0;
+        for (size_t i = 1; i < p.size(); ++i) {
+            while (k > 0 && p[i] != p[k]) k = f[k - 1];
+            if (p[i] == p[k]) ++k;
+            f[i] = k;
+        }
+    }
+}
 
+// Every stop string's matcher takes each new byte once (amortised O(1) a byte and stop), so a
+// token costs its own length times the number of stops, whatever the stops' lengths.
 std::string StopMatcher::push(std::string_view piece) {
     if (stopped_) return {};
+    const size_t base = held_.size();
     held_.append(piece);
 
-    // A stop string that is complete now: cut at the earliest one. held_ never contained a
-    // complete one before, so scanning all of it again is only a few bytes of work.
+    // A stop string completed by this piece: cut at the one that starts earliest.
+    matched_ = -1;
     size_t cut = std::string::npos;
-    for (size_t s = 0; s < stops_.size(); ++s) {
-        if (stops_[s].empty()) continue;
-        const size_t pos = held_.find(stops_[s]);
-        if (pos < cut) {
-            cut = pos;
-            matched_ = int32_t(s);
+    for (size_t i = base; i < held_.size(); ++i) {
+        const char ch = held_[i];
+        for (size_t s = 0; s < stops_.size(); ++s) {
+            const std::string& p = stops_[s];
+            if (p.empty()) continue;
+            uint32_t& k = state_[s];
+            while (k > 0 && ch != p[k]) k = fail_[s][k - 1];
+            if (ch == p[k]) ++k;
+            if (k == p.size()) {
+                const size_t start = i + 1 - p.size();
+                // Ties (same start) go to the earlier stop in the list.
+                if (start < cut || (start == cut && int32_t(s) < matched_)) {
+                    cut = start;
+                    matched_ = int32_t(s);
+                }
+                k = fail_[s][k - 1];
+            }
         }
     }
     if (cut != std::string::npos) {
@@ -376,18 +406,10 @@ std::string StopMatcher::push(std::string_view piece) {
         return out;
     }
 
-    // Otherwise hold back the longest suffix that is a proper prefix of some stop string: only
-    // it could grow into a match. Anything before it is safe.
+    // Otherwise hold back the longest suffix that is a proper prefix of some stop string (the
+    // matchers' states): only it could grow into a match. Anything before it is safe.
     size_t n_hold = 0;
-    for (const auto& stop : stops_) {
-        const size_t n_max = std::min(stop.size() - (stop.empty() ? 0 : 1), held_.size());
-        for (size_t n = n_max; n > n_hold; --n) {
-            if (std::string_view(held_).substr(held_.size() - n) == std::string_view(stop).substr(0, n)) {
-                n_hold = n;
-                break;
-            }
-        }
-    }
+    for (uint32_t k : state_) n_hold = std::max<size_t>(n_hold, k);
     std::string out = held_.substr(0, held_.size() - n_hold);
     held_.erase(0, held_.size() - n_hold);
     return out;

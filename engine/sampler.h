@@ -151,6 +151,8 @@ public:
 
 private:
     std::vector<std::string> stops_;
+    std::vector<std::vector<uint32_t>> fail_;  // KMP failure links per stop string
+    std::vector<uint32_t> state_;              // per stop: bytes of it matched by the text's end
     std::string held_;
     bool stopped_ = false;
     int32_t matched_ = -1;

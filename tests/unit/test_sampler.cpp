@@ -3,8 +3,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <limits>
+#include <random>
 #include <vector>
 
 #include "kernels/philox.h"
@@ -381,6 +383,55 @@ TEST_CASE("top_logprobs of the raw row") {
     CHECK(lp[0].logprob == doctest::Approx(-std::log(2.0)));
     CHECK(lp[2].id == 2);
     CHECK(lp[2].logprob == -k_inf);
+}
+
+TEST_CASE("StopMatcher equals the definition on random texts, pieces and overlapping stops") {
+    // The definition: at each push, emit all text not yet emitted but the longest suffix that is a
+    // proper prefix of a stop; once a stop occurs, emit up to its earliest start and stop.
+    std::mt19937 rng(11);
+    for (int trial = 0; trial < 3000; ++trial) {
+        const char* alpha = trial % 2 ? "ab" : "abc";
+        auto rand_str = [&](size_t lo, size_t hi) {
+            std::string out(std::uniform_int_distribution<size_t>(lo, hi)(rng), ' ');
+            for (char& c : out) c = alpha[rng() % std::strlen(alpha)];
+            return out;
+        };
+        std::vector<std::string> stops;
+        for (int i = 0, n = int(rng() % 3) + 1; i < n; ++i) stops.push_back(rand_str(1, 6));
+        StopMatcher m(stops);
+        std::string text, emitted_want, emitted_got;
+        bool stopped = false;
+        int32_t matched = -1;
+        for (int k = 0; k < 12 && !stopped; ++k) {
+            const std::string piece = rand_str(0, 5);
+            text += piece;
+            size_t cut = std::string::npos;
+            for (size_t si = 0; si < stops.size(); ++si) {
+                const size_t pos = text.find(stops[si]);
+                if (pos < cut) cut = pos, matched = int32_t(si);
+            }
+            std::string want;
+            if (cut != std::string::npos) {
+                want = text.substr(emitted_want.size(), cut - emitted_want.size());
+                stopped = true;
+            } else {
+                size_t hold = 0;
+                for (const auto& st : stops)
+                    for (size_t n = std::min(st.size() - 1, text.size()); n > hold; --n)
+                        if (text.compare(text.size() - n, n, st, 0, n) == 0) {
+                            hold = n;
+                            break;
+                        }
+                want = text.substr(emitted_want.size(), text.size() - hold - emitted_want.size());
+            }
+            emitted_want += want;
+            const std::string got = m.push(piece);
+            emitted_got += got;
+            REQUIRE(got == want);
+            REQUIRE(m.stopped() == stopped);
+        }
+        if (stopped) CHECK(m.matched() == matched);
+    }
 }
 
 TEST_CASE("StopMatcher holds back partial stops and cuts complete ones") {
