@@ -74,6 +74,7 @@ struct Engine::Impl {
     std::unique_ptr<InFlight> in_flight;                        // step-loop thread only
 
     mutable std::mutex stats_mutex;
+    mutable std::condition_variable stats_cv;  // notified when the stats are published
     EngineStats stats;
     // Throughput window.
     Clock::time_point window_start = Clock::now();
@@ -90,7 +91,8 @@ struct Engine::Impl {
     void deliver(std::vector<Sampled>& done);
     void fail_step(const InFlight& f, const std::string& what);
     void finish(SeqId id, FinishReason reason, std::error_code ec = {}, std::string message = {});
-    void publish_stats(bool idle, const InFlight* launched = nullptr);
+    void publish_stats(bool idle, const InFlight* launched = nullptr);  // and notifies stats_cv
+    void publish_stats_locked(bool idle, const InFlight* launched);
 };
 
 // ---- construction ----
@@ -141,6 +143,16 @@ EngineStats Engine::stats() const {
     EngineStats s = impl_->stats;
     s.n_waiting += static_cast<int32_t>(impl_->queue.size_approx());  // submitted, not yet taken
     return s;
+}
+
+bool Engine::wait_for_stats(const std::function<bool(const EngineStats&)>& pred,
+                            std::chrono::milliseconds timeout) const {
+    std::unique_lock lock(impl_->stats_mutex);
+    return impl_->stats_cv.wait_for(lock, timeout, [&] {
+        EngineStats s = impl_->stats;
+        s.n_waiting += static_cast<int32_t>(impl_->queue.size_approx());
+        return pred(s);
+    });
 }
 
 // ---- submission (any thread) ----
@@ -252,6 +264,7 @@ void Engine::Impl::finish(SeqId id, FinishReason reason, std::error_code ec, std
     }
     a.state->finish(reason, ec, std::move(message), seconds_between(a.submitted, Clock::now()));
     active.erase(it);
+    stats_cv.notify_all();
 }
 
 // The loop keeps one step on the device while the host plans the next (speculative planning,
@@ -544,6 +557,11 @@ void Engine::Impl::fail_step(const InFlight& f, const std::string& what) {
 }
 
 void Engine::Impl::publish_stats(bool idle, const InFlight* launched) {
+    publish_stats_locked(idle, launched);
+    stats_cv.notify_all();
+}
+
+void Engine::Impl::publish_stats_locked(bool idle, const InFlight* launched) {
     std::lock_guard lock(stats_mutex);
     stats.n_running = planner->n_running();
     stats.n_waiting = planner->n_waiting();

@@ -13,6 +13,7 @@
 // call. A full queue fails at once: generate() throws EngineError(queue_full), async_complete
 // completes with EngineErrc::queue_full. Neither touches other requests.
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -166,6 +167,10 @@ public:
     }
 
     EngineStats stats() const;
+    // Blocks the calling thread until pred(stats()) holds or `timeout` passes; returns whether
+    // it held. The stats change after every step and when the loop goes idle. Not for the
+    // thread that runs the engine's completion handlers.
+    bool wait_for_stats(const std::function<bool(const EngineStats&)>& pred, std::chrono::milliseconds timeout) const;
     const Model& model() const;
     std::string backend_name() const;
     asio::any_io_executor get_executor() const { return executor_; }

@@ -188,11 +188,10 @@ TEST_CASE("cancelling half of 500 streams at random points leaves the others int
     }
     io.run();
     // Cancellations take effect at the next step; give the loop a moment to get there.
-    auto settled = [&] {
-        auto st = engine.stats();
+    auto settled = [&](const EngineStats& st) {
         return st.kv_blocks_free == free_before && st.n_running == 0 && st.n_waiting == 0;
     };
-    for (int i = 0; i < 200 && !settled(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    engine.wait_for_stats([&](const EngineStats& st) { return settled(st); }, std::chrono::seconds(10));
     MESSAGE(n_cancelled << " cancelled, " << n_finished << " finished");
     CHECK(n_cancelled > 150);
     CHECK(n_ok == n_finished);
@@ -269,12 +268,14 @@ TEST_CASE("8 threads submitting 200 requests each at once all complete correctly
                 engine.async_complete(req, [&, req](std::error_code ec, Completion c) {
                     if (!ec && c.ids == expected(c.prompt_ids, req.max_tokens)) ++n_ok;
                     ++n_done;
+                    n_done.notify_all();
                 });
             }
         });
     }
     for (auto& th : threads) th.join();
-    for (int i = 0; i < 3000 && n_done.load() < 1600; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    // The handlers run on the runner thread; wait for the last of them.
+    for (int v = n_done.load(); v < 1600; v = n_done.load()) n_done.wait(v);
     guard.reset();
     runner.join();
     CHECK(n_done.load() == 1600);
@@ -340,8 +341,9 @@ TEST_CASE("the stream's next() also takes callbacks, and cancellation through a 
     io.run();
     CHECK(cancelled);
     // The step loop sees the cancellation at its next step.
-    for (int i = 0; i < 200 && (engine.stats().kv_blocks_free != free_before || engine.stats().n_requests_cancelled < 1); ++i)
-        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    engine.wait_for_stats(
+        [&](const EngineStats& st) { return st.kv_blocks_free == free_before && st.n_requests_cancelled >= 1; },
+        std::chrono::seconds(10));
     CHECK(engine.stats().kv_blocks_free == free_before);
     CHECK(engine.stats().n_requests_cancelled >= 1);
 }
@@ -509,8 +511,8 @@ TEST_CASE("a next() or cancel() that completes at once never runs the handler in
     Request req = greedy("Once upon a time", 200);
     req.ignore_eos = true;
     TokenStream done = engine.generate(req);
-    for (int i = 0; i < 1000 && done.finish_reason() == FINISH_REASON_NONE; ++i)
-        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    engine.wait_for_stats([&](const EngineStats&) { return done.finish_reason() != FINISH_REASON_NONE; },
+                          std::chrono::seconds(10));
     REQUIRE(done.finish_reason() == FINISH_REASON_LENGTH);  // every token is buffered now
     int depth = 0, max_depth = 0, n_tokens = 0;
     bool inline_call = false;
@@ -619,11 +621,10 @@ TEST_CASE("stop strings that hit mid-stream, with the next step already in fligh
         });
     }
     io.run();
-    auto settled = [&] {
-        auto st = engine.stats();
+    auto settled = [&](const EngineStats& st) {
         return st.kv_blocks_free == free_before && st.n_running == 0 && st.n_waiting == 0;
     };
-    for (int i = 0; i < 200 && !settled(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    engine.wait_for_stats([&](const EngineStats& st) { return settled(st); }, std::chrono::seconds(10));
     MESSAGE(n_stop_hits << " requests ended on a stop string; " << engine.stats().n_preemptions << " preemptions");
     CHECK(n_done == n_requests);
     CHECK(n_ok == n_requests);
