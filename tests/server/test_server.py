@@ -708,12 +708,15 @@ def test_drain():
         threads = run_streams(srv, 8, 200, results)
         time.sleep(0.05)
         signal_server(srv, "SIGTERM")
-        time.sleep(0.05)
-        try:
-            socket.create_connection((srv.host, srv.port), timeout=2).close()
-            refused = False
-        except OSError:
-            refused = True
+        # Once the signal is handled the listening socket is gone.
+        refused = False
+        for _ in range(250):
+            try:
+                socket.create_connection((srv.host, srv.port), timeout=2).close()
+            except OSError:
+                refused = True
+                break
+            time.sleep(0.02)
         for t in threads:
             t.join(60)
         done = [r for r in results if r and r[0] == 200 and r[2]]
