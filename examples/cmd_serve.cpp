@@ -168,7 +168,7 @@ int cmd_serve(Args& args) {
                     co_return srv.open_connections() == 0;
                 };
                 if (!co_await wait_closed(deadline)) {
-                    if (!draining || io.stopped()) co_return;
+                    if (io.stopped()) co_return;  // a second signal
                     fmt::print(stderr, "coinfer serve: drain time over, ending {} connections' requests\n",
                                srv.open_connections());
                     engine.shutdown();

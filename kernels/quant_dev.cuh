@@ -1,5 +1,7 @@
 #pragma once
-// Device-side dequantization of ggml weight formats, 32 elements at a time.
+// Device-side dequantization of ggml weight formats in their file layout, 32 elements at a time
+// (the embedding gather and the F32 tiles of the dense SGEMM fallback; products read the packed
+// layout of qpack.h).
 //
 // Every format is read in "chunks" of 32 consecutive elements of a row: chunk c holds elements
 // [32c, 32c + 32). For the 32-element block formats a chunk is one block; for the K-quants
@@ -184,25 +186,6 @@ __device__ __forceinline__ void dq32(const uint8_t* __restrict__ row, int64_t c,
             const int q = int(((ql[l] >> lsh) & 0xf) | (((qh[l] >> (2 * r)) & 3) << 4)) - 32;
             y[l] = fmul(fmul(d, i2f(sc[(l >> 4) + 2 * r])), i2f(q));
         }
-    }
-}
-
-// Bytes of 256 consecutive elements (8 chunks; one K-quant super-block) of a block-format row;
-// 0 for the dense types.
-template <int T>
-constexpr int bytes_per_256() {
-    switch (T) {
-        case WT_Q4_0: return 18 * 8;
-        case WT_Q4_1: return 20 * 8;
-        case WT_Q5_0: return 22 * 8;
-        case WT_Q5_1: return 24 * 8;
-        case WT_Q8_0: return 34 * 8;
-        case WT_Q2_K: return 84;
-        case WT_Q3_K: return 110;
-        case WT_Q4_K: return 144;
-        case WT_Q5_K: return 176;
-        case WT_Q6_K: return 210;
-        default: return 0;
     }
 }
 

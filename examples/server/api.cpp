@@ -275,8 +275,11 @@ struct Api::Impl {
     Metrics& metrics;
     ApiOptions opt;
     const int64_t started = static_cast<int64_t>(std::time(nullptr));
+    std::mutex rng_mutex;  // rng serves the workers and the io thread alike (see random())
+    std::mt19937_64 rng{std::random_device{}()};
     // Request bodies are parsed, templated and tokenized here, off the io thread, so that a
-    // megabyte of JSON delays no one's tokens (see handle()).
+    // megabyte of JSON delays no one's tokens (see handle()). Declared last: destroyed (joined)
+    // first, while everything its work touches is still there.
     asio::thread_pool workers;
 
     Impl(Engine& e, ChatTemplate c, Metrics& m, ApiOptions o)
@@ -306,9 +309,6 @@ struct Api::Impl {
     bool origin_allowed(std::string_view origin, std::optional<std::string_view> host) const;
     std::string piece(TokenId id) const { return tokenizer().token_to_piece(id, true); }
 
-private:
-    std::mutex rng_mutex;
-    std::mt19937_64 rng{std::random_device{}()};
 };
 
 Api::Api(Engine& engine, ChatTemplate chat, Metrics& metrics, ApiOptions opt)

@@ -147,8 +147,10 @@ private:
     }
 
     // Pipelining back-pressure: enough requests, or request bytes, are waiting to be answered.
+    // With none waiting the next request is always read (its body up to --max-body-bytes).
     bool backlogged() const {
-        return queue_.size() >= opt_.max_pipelined || queued_bytes_ + inbuf_.size() >= opt_.max_buffered_bytes;
+        return !queue_.empty() &&
+               (queue_.size() >= opt_.max_pipelined || queued_bytes_ + inbuf_.size() >= opt_.max_buffered_bytes);
     }
 
     // Header and body timeouts run from a request's first byte and from the end of its head.
