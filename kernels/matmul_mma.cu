@@ -7,8 +7,8 @@
 // qmm_kernel: a block is 8 warps; MW of them take one 16-row tile each, and the KW = 8 / MW warps
 // of a row tile split its K tiles into contiguous slices (and the grid's z splits them further).
 // A lane loads its part of a K tile straight from global memory (one 16-byte vector per plane
-// unit, 512 contiguous bytes per warp; the next tile's loads are in flight while this one is
-// decoded), turns each chunk's codes into F16 pairs with a few integer ops (`code | 0x6400` is
+// unit, 512 contiguous bytes per warp; for 5..16 rows the next tile's loads are in flight while
+// this one is decoded, for 1..4 rows four blocks an SM hide the loads instead), turns each chunk's codes into F16 pairs with a few integer ops (`code | 0x6400` is
 // the F16 1024 + code) and one `__hfma2` with the group's scale, and multiplies. The activations
 // come through L1 (the row tiles of a block read the same ones). Slices are summed through
 // shared memory in warp order, split-K partials by a second kernel in z order: the sums have the
@@ -39,6 +39,19 @@ __device__ __forceinline__ uint4 ld_stream(const void* p) {
                  : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
                  : "l"(p));
     return r;
+}
+// Programmatic dependent launch (sm_90): the product's blocks are launched while
+// x_to_f16_kernel runs and wait for its activations (measured: +2-3% a decode step at 1 row;
+// loading weights before the wait, into registers or L2, measured slower).
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
 }
 __device__ __forceinline__ __half2 h2(uint32_t u) { return *reinterpret_cast<const __half2*>(&u); }
 __device__ __forceinline__ uint32_t u32(__half2 h) { return *reinterpret_cast<const uint32_t*>(&h); }
@@ -240,15 +253,21 @@ __device__ __forceinline__ void min_frag(const TileRegs<T>& R, int c, uint32_t a
 // Grid: (ceil(row tiles / mw), ceil(n_rows / 8 NT), splits); mw row tiles per block, each with
 // 8 / mw warps taking contiguous slices of kt_per_slice K tiles. y: [n_rows, n_out], or with
 // splits > 1 the partials [splits][n_rows][n_out]. LO: the activations are x_hi + x_lo (both
-// F16, xh and xl), each multiplied, so that their rounding to F16 costs nothing. xm (has_min):
+// F16, xh and xl), each multiplied, so that their rounding to F16 costs nothing; with HL (up to
+// 4 rows) both go through one MMA: lanes of B columns 0-3 bring the high parts of rows 0-3,
+// columns 4-7 the low parts, and the two halves of the C fragment are added at the end (half
+// the MMAs and activation loads of LO alone). xm (has_min):
 // per row and K tile the F16 sums of each group's activations, min_groups() highs then as many
 // lows.
-template <int T, int NT, bool LO>
-__global__ void __launch_bounds__(k_threads, 2)
+template <int T, int NT, bool LO, bool HL, bool PREFETCH, int MINB>
+__global__ void __launch_bounds__(k_threads, MINB)
 qmm_kernel(const uint8_t* __restrict__ w, int n_kt, int n_rt, int n_out, const __half* __restrict__ xh,
            const __half* __restrict__ xl, int k_pad, const __half* __restrict__ xm, int n_rows,
            float* __restrict__ y, int mw_count, int kt_per_slice) {
+    static_assert(!HL || LO, "HL: the high and low parts share an MMA");
     constexpr int TB = qpack_tile_bytes(T), G = min_groups<T>();
+    // Activation rows per n8 tile: 8, or with HL 4 (columns 0-3 the high parts, 4-7 the low).
+    constexpr int RS = HL ? 4 : 8;
     __shared__ float red[k_warps * NT * 4 * 32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int kw_count = k_warps / mw_count;
@@ -258,7 +277,7 @@ qmm_kernel(const uint8_t* __restrict__ w, int n_kt, int n_rt, int n_out, const _
     const int kt0 = slice * kt_per_slice;
     const int kt1 = rt < n_rt ? min(kt0 + kt_per_slice, n_kt) : kt0;
     const int g = lane >> 2, c = lane & 3;
-    const int tok0 = blockIdx.y * 8 * NT;
+    const int tok0 = blockIdx.y * RS * NT;
 
     float acc[NT][4];
 #pragma unroll
@@ -267,18 +286,22 @@ qmm_kernel(const uint8_t* __restrict__ w, int n_kt, int n_rt, int n_out, const _
         for (int i = 0; i < 4; ++i) acc[j][i] = 0.0f;
 
     const uint8_t* tiles = w + (int64_t(rt) * n_kt) * TB;
-    // This lane's activation rows: 8j + g of the block's tile, while below n_rows.
-    const int64_t x_off = int64_t(tok0 + g) * k_pad + 8 * c;
-    const int n_live = n_rows - tok0 - g;  // rows 8j + g with 8j < n_live exist
+    // This lane's activation rows: RS j + lr of the block's tile, while below n_rows.
+    const int lr = HL ? (g & 3) : g;
+    const __half* xs = HL && g >= 4 ? xl : xh;
+    const int64_t x_off = int64_t(tok0 + lr) * k_pad + 8 * c;
+    const int n_live = n_rows - tok0 - lr;  // rows RS j + lr with RS j < n_live exist
     const int64_t xm_row = int64_t(n_kt) * 2 * G;  // halves per row of xm
-    // Up to 2 activation tiles the next K tile's loads are in flight during this one's products;
-    // with more, the registers go to the activations and other warps hide the loads.
-    constexpr bool prefetch = NT <= 2;
+    // PREFETCH: the next K tile's loads are in flight during this one's products; without, the
+    // registers go to more warps or activation tiles, and other warps hide the loads.
+    // The activations are written by the kernel before (x_to_f16_kernel), which this one may
+    // overlap: its blocks are resident and set up when the activations are ready.
+    pdl_wait();
     TileRegs<T> cur;
-    if (prefetch && kt0 < kt1) load_tile<T>(cur, tiles + int64_t(kt0) * TB, lane);
+    if (PREFETCH && kt0 < kt1) load_tile<T>(cur, tiles + int64_t(kt0) * TB, lane);
     for (int kt = kt0; kt < kt1; ++kt) {
         TileRegs<T> nxt;
-        if constexpr (!prefetch) load_tile<T>(cur, tiles + int64_t(kt) * TB, lane);
+        if constexpr (!PREFETCH) load_tile<T>(cur, tiles + int64_t(kt) * TB, lane);
         else if (kt + 1 < kt1) load_tile<T>(nxt, tiles + int64_t(kt + 1) * TB, lane);
         // K-quants: the tile's products, before its F32 scale d.
         float tacc[qpack_kquant(T) ? NT : 1][4];
@@ -290,13 +313,14 @@ qmm_kernel(const uint8_t* __restrict__ w, int n_kt, int n_rt, int n_out, const _
         }
 #pragma unroll
         for (int ch = 0; ch < 8; ++ch) {
-            uint4 b[NT], bl[LO ? NT : 1];
+            constexpr bool two = LO && !HL;  // high and low parts in two MMAs
+            uint4 b[NT], bl[two ? NT : 1];
 #pragma unroll
             for (int j = 0; j < NT; ++j) {
-                const int64_t o = x_off + int64_t(8 * j) * k_pad + kt * 256 + 32 * ch;
-                const bool live = 8 * j < n_live;
-                b[j] = live ? __ldg(reinterpret_cast<const uint4*>(xh + o)) : make_uint4(0, 0, 0, 0);
-                if constexpr (LO) bl[j] = live ? __ldg(reinterpret_cast<const uint4*>(xl + o)) : make_uint4(0, 0, 0, 0);
+                const bool live = RS * j < n_live;
+                const int64_t o = x_off + int64_t(RS * j) * k_pad + kt * 256 + 32 * ch;
+                b[j] = live ? __ldg(reinterpret_cast<const uint4*>(xs + o)) : make_uint4(0, 0, 0, 0);
+                if constexpr (two) bl[j] = live ? __ldg(reinterpret_cast<const uint4*>(xl + o)) : make_uint4(0, 0, 0, 0);
             }
             uint32_t a[2][4];
             chunk_int_frags<T>(cur, ch, c, a);
@@ -305,7 +329,7 @@ qmm_kernel(const uint8_t* __restrict__ w, int n_kt, int n_rt, int n_out, const _
                 for (int j = 0; j < NT; ++j) {
                     mma16816(tacc[j], a[0], b[j].x, b[j].y);
                     mma16816(tacc[j], a[1], b[j].z, b[j].w);
-                    if constexpr (LO) {
+                    if constexpr (two) {
                         mma16816(tacc[j], a[0], bl[j].x, bl[j].y);
                         mma16816(tacc[j], a[1], bl[j].z, bl[j].w);
                     }
@@ -336,7 +360,7 @@ qmm_kernel(const uint8_t* __restrict__ w, int n_kt, int n_rt, int n_out, const _
                     float cacc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
                     mma16816(cacc, a[0], b[j].x, b[j].y);
                     mma16816(cacc, a[1], b[j].z, b[j].w);
-                    if constexpr (LO) {
+                    if constexpr (two) {
                         mma16816(cacc, a[0], bl[j].x, bl[j].y);
                         mma16816(cacc, a[1], bl[j].z, bl[j].w);
                     }
@@ -369,27 +393,28 @@ qmm_kernel(const uint8_t* __restrict__ w, int n_kt, int n_rt, int n_out, const _
             const float e1 = qpack_kquant(T) ? -f16_hi(cur.s[0].y) : 1.0f;
 #pragma unroll
             for (int j = 0; j < NT; ++j) {
-                const __half* xr = xm + int64_t(tok0 + 8 * j + g) * xm_row + int64_t(kt) * 2 * G + 2 * c;
-                const bool live = 8 * j < n_live;
+                const __half* xr = xm + int64_t(tok0 + RS * j + lr) * xm_row + int64_t(kt) * 2 * G + 2 * c +
+                                   (HL && g >= 4 ? G : 0);
+                const bool live = RS * j < n_live;
                 uint32_t bh0 = 0, bh1 = 0, bl0 = 0, bl1 = 0;
                 if (live) {
                     bh0 = __ldg(reinterpret_cast<const uint32_t*>(xr));
-                    bl0 = __ldg(reinterpret_cast<const uint32_t*>(xr + G));
+                    if constexpr (!HL) bl0 = __ldg(reinterpret_cast<const uint32_t*>(xr + G));
                     if constexpr (G == 16) {
                         bh1 = __ldg(reinterpret_cast<const uint32_t*>(xr + 8));
-                        bl1 = __ldg(reinterpret_cast<const uint32_t*>(xr + G + 8));
+                        if constexpr (!HL) bl1 = __ldg(reinterpret_cast<const uint32_t*>(xr + G + 8));
                     }
                 }
                 float macc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
                 mma16816(macc, am, bh0, bh1);
-                mma16816(macc, am, bl0, bl1);
+                if constexpr (!HL) mma16816(macc, am, bl0, bl1);
                 acc[j][0] = fmaf(e0, macc[0], acc[j][0]);
                 acc[j][1] = fmaf(e0, macc[1], acc[j][1]);
                 acc[j][2] = fmaf(e1, macc[2], acc[j][2]);
                 acc[j][3] = fmaf(e1, macc[3], acc[j][3]);
             }
         }
-        if constexpr (prefetch) {
+        if constexpr (PREFETCH) {
             if (kt + 1 < kt1) cur = nxt;
         }
     }
@@ -411,15 +436,23 @@ qmm_kernel(const uint8_t* __restrict__ w, int n_kt, int n_rt, int n_out, const _
                 acc[j][i] = sum;
             }
     }
+    if constexpr (HL) {
+        // Columns 2c, 2c+1 of lanes c = 2, 3 hold the low parts of lanes c - 2's rows.
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[j][i] += __shfl_xor_sync(0xffffffffu, acc[j][i], 2);
+        if (c >= 2) return;
+    }
     if (rt >= n_rt) return;
-    // C fragment: acc[j][0..1] = (row g, activation rows 8j + 2c, +1), [2..3] row g + 8.
+    // C fragment: acc[j][0..1] = (row g, activation rows RS j + 2c, +1), [2..3] row g + 8.
     float* out = gridDim.z > 1 ? y + int64_t(blockIdx.z) * n_rows * n_out : y;
 #pragma unroll
     for (int j = 0; j < NT; ++j)
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const int o = rt * 16 + g + (i >= 2 ? 8 : 0);
-            const int r = tok0 + 8 * j + 2 * c + (i & 1);
+            const int r = tok0 + RS * j + 2 * c + (i & 1);
             if (o < n_out && r < n_rows) out[int64_t(r) * n_out + o] = acc[j][i];
         }
 }
@@ -471,6 +504,7 @@ qpack_dequant_f16_kernel(const uint8_t* __restrict__ w, int n_kt, int64_t n_tile
 // values (whole warps: k_pad / 8 is a multiple of 32).
 __global__ void x_to_f16_kernel(const float* __restrict__ x, int64_t n_rows, int n_in, int k_pad,
                                 __half* __restrict__ xh, __half* __restrict__ xl, __half* __restrict__ xm, int group) {
+    pdl_launch_dependents();  // the product's blocks may start loading weights
     const int64_t i = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * 8;
     if (i >= n_rows * k_pad) return;
     const int64_t r = i / k_pad;
@@ -535,11 +569,12 @@ struct QmmShape {
 // long K runs per warp (4 row tiles a block) took 25.5 us for Q4_0 against 20.8 us with one row
 // tile a block and 2.6 waves: the loads in flight count, not the waves.
 // Batch-invariant: from the matrix shape alone, so every n_rows sums each output in one order.
-QmmShape qmm_shape(int per_sm, int64_t n_rt, int64_t n_kt, int64_t n_rows, int nt, size_t part_floats, bool invariant) {
+QmmShape qmm_shape(int per_sm, int64_t n_rt, int64_t n_kt, int64_t n_rows, int nt, int rows_per_y, size_t part_floats,
+                   bool invariant) {
     const int mw = invariant ? 1 : nt;
     const int kw = k_warps / mw;
     const int64_t slots = int64_t(invariant ? 2 : per_sm) * sm_count();
-    const int64_t base = (n_rt + mw - 1) / mw * (invariant ? 1 : (n_rows + 8 * nt - 1) / (8 * nt));
+    const int64_t base = (n_rt + mw - 1) / mw * (invariant ? 1 : (n_rows + rows_per_y - 1) / rows_per_y);
     int splits = 1;
     double best = 0.0;
     const int max_splits = int(std::clamp<int64_t>(n_kt / kw, 1, 8));
@@ -557,32 +592,46 @@ QmmShape qmm_shape(int per_sm, int64_t n_rt, int64_t n_kt, int64_t n_rows, int n
     return {mw, per, splits};
 }
 
-template <int T, int NT, bool LO>
+template <int T, int NT, bool LO, bool HL = false>
 bool launch_qmm(const uint8_t* w, int64_t n_in, int64_t n_out, const __half* xh, const __half* xl, const __half* xm,
                 int64_t n_rows, float* y, float* part, size_t part_floats, bool invariant, cudaStream_t stream) {
+    // HL (1..4 rows): 64 registers, four blocks an SM, no prefetch: more warps hide the loads
+    // better than a prefetched tile per warp (measured: docs/perf.md). Otherwise two blocks,
+    // with the next tile's loads in flight up to 2 activation tiles.
+    constexpr auto kernel = qmm_kernel<T, NT, LO, HL, !HL && NT <= 2, HL ? 4 : 2>;
     static int per_sm = 0;  // resident blocks per SM of this instantiation
     if (per_sm == 0) {
-        CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, qmm_kernel<T, NT, LO>, k_threads, 0));
+        CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, k_threads, 0));
         per_sm = std::max(per_sm, 1);
     }
+    constexpr int RY = (HL ? 4 : 8) * NT;  // activation rows per grid row
     const int64_t n_rt = qpack_row_tiles(n_out), n_kt = qpack_k_tiles(n_in), k_pad = n_kt * 256;
     const int64_t xm_row = n_kt * 2 * min_groups<T>();
-    const QmmShape sh = qmm_shape(per_sm, n_rt, n_kt, n_rows, NT, part_floats, invariant);
+    const QmmShape sh = qmm_shape(per_sm, n_rt, n_kt, n_rows, NT, RY, part_floats, invariant);
     // Rows per launch: all, or as many as the split-K partials have room for (each row's sums
     // are the same either way).
     int64_t step = n_rows;
     if (sh.splits > 1) {
-        step = int64_t(part_floats / (size_t(sh.splits) * size_t(n_out))) / (8 * NT) * (8 * NT);
+        step = int64_t(part_floats / (size_t(sh.splits) * size_t(n_out))) / RY * RY;
         if (step <= 0) return false;
     }
     for (int64_t r0 = 0; r0 < n_rows; r0 += step) {
         const int64_t rows = std::min(step, n_rows - r0);
-        const dim3 grid{unsigned((n_rt + sh.mw - 1) / sh.mw), unsigned((rows + 8 * NT - 1) / (8 * NT)), unsigned(sh.splits)};
+        const dim3 grid{unsigned((n_rt + sh.mw - 1) / sh.mw), unsigned((rows + RY - 1) / RY), unsigned(sh.splits)};
         float* yr = y + r0 * n_out;
-        qmm_kernel<T, NT, LO><<<grid, k_threads, 0, stream>>>(
-            w, int(n_kt), int(n_rt), int(n_out), xh + r0 * k_pad, xl ? xl + r0 * k_pad : nullptr, int(k_pad),
-            xm ? xm + r0 * xm_row : nullptr, int(rows), sh.splits > 1 ? part : yr, sh.mw, sh.per);
-        CUDA_CHECK_LAUNCH();
+        // The first launch may overlap x_to_f16_kernel (programmatic dependent launch).
+        cudaLaunchConfig_t cfg{};
+        cfg.gridDim = grid;
+        cfg.blockDim = dim3(k_threads);
+        cfg.stream = stream;
+        cudaLaunchAttribute attr{};
+        attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr.val.programmaticStreamSerializationAllowed = 1;
+        cfg.attrs = &attr;
+        cfg.numAttrs = r0 == 0 ? 1 : 0;
+        CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, w, int(n_kt), int(n_rt), int(n_out), xh + r0 * k_pad,
+                                      xl ? xl + r0 * k_pad : nullptr, int(k_pad), xm ? xm + r0 * xm_row : nullptr,
+                                      int(rows), sh.splits > 1 ? part : yr, sh.mw, sh.per));
         if (sh.splits > 1) {
             const int64_t n = rows * n_out;
             split_sum_kernel<<<unsigned((n + 255) / 256), 256, 0, stream>>>(part, n, sh.splits, yr);
@@ -627,6 +676,8 @@ bool qmm(int type, const void* w, int64_t n_in, int64_t n_out, const float* x, i
         } else if (batch_invariant) {
             ok = n_rows <= 8 ? launch_qmm<T, 1, true>(wb, n_in, n_out, xh, xl, xm, n_rows, y, part, part_floats, true, stream)
                              : launch_qmm<T, 4, true>(wb, n_in, n_out, xh, xl, xm, n_rows, y, part, part_floats, true, stream);
+        } else if (n_rows <= 4) {
+            ok = launch_qmm<T, 1, true, true>(wb, n_in, n_out, xh, xl, xm, n_rows, y, part, part_floats, false, stream);
         } else if (n_rows <= 8) {
             ok = launch_qmm<T, 1, true>(wb, n_in, n_out, xh, xl, xm, n_rows, y, part, part_floats, false, stream);
         } else if (n_rows <= 16) {
