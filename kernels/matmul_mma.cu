@@ -173,7 +173,7 @@ __device__ __forceinline__ void chunk_scales(const TileRegs<T>& R, int ch, int c
 // the code less its offset, times the group's integer scale for the K-quants (Q2_K, Q3_K, Q4_K,
 // Q5_K: below 2048 in magnitude, exact in F16; Q6_K's up to 4064 are rounded to even beyond
 // 2048). The F32 scales (d per chunk, or per K tile for the K-quants) multiply the products.
-template <int T>
+template <int T, bool KQH = false>
 __device__ __forceinline__ void chunk_int_frags(const TileRegs<T>& R, int ch, int c, uint32_t a[2][4]) {
     uint32_t W[2][2];
     chunk_codes<T>(R, ch, W);
@@ -189,6 +189,7 @@ __device__ __forceinline__ void chunk_int_frags(const TileRegs<T>& R, int ch, in
             if constexpr (T == QP_Q2_K) k2 = bytes02(v & 0x000f000fu);
             else k2 = __hsub2(bytes02(v ^ 0x00800080u), __float2half2_rn(128.0f));  // int8
         }
+        if constexpr (KQH) k2 = __hmul2(k2, h2(R.s[0].x));  // d * sc in F16
         k_r[0] = __low2half2(k2);
         k_r[1] = __high2half2(k2);
     }
@@ -259,12 +260,14 @@ __device__ __forceinline__ void min_frag(const TileRegs<T>& R, int c, uint32_t a
 // the MMAs and activation loads of LO alone). xm (has_min):
 // per row and K tile the F16 sums of each group's activations, min_groups() highs then as many
 // lows.
-template <int T, int NT, bool LO, bool HL, bool PREFETCH, int MINB>
+template <int T, int NT, bool LO, bool HL, bool PREFETCH, int MINB, bool KQH = false>
 __global__ void __launch_bounds__(k_threads, MINB)
 qmm_kernel(const uint8_t* __restrict__ w, int n_kt, int n_rt, int n_out, const __half* __restrict__ xh,
            const __half* __restrict__ xl, int k_pad, const __half* __restrict__ xm, int n_rows,
            float* __restrict__ y, int mw_count, int kt_per_slice) {
     static_assert(!HL || LO, "HL: the high and low parts share an MMA");
+    static_assert(!KQH || (!LO && qpack_kquant(T)), "KQH: K-quant weights scaled in F16");
+    constexpr bool TACC = qpack_kquant(T) && !KQH;  // K-quants: products summed per tile, then d
     constexpr int TB = qpack_tile_bytes(T), G = min_groups<T>();
     // Activation rows per n8 tile: 8, or with HL 4 (columns 0-3 the high parts, 4-7 the low).
     constexpr int RS = HL ? 4 : 8;
@@ -304,8 +307,8 @@ qmm_kernel(const uint8_t* __restrict__ w, int n_kt, int n_rt, int n_out, const _
         if constexpr (!PREFETCH) load_tile<T>(cur, tiles + int64_t(kt) * TB, lane);
         else if (kt + 1 < kt1) load_tile<T>(nxt, tiles + int64_t(kt + 1) * TB, lane);
         // K-quants: the tile's products, before its F32 scale d.
-        float tacc[qpack_kquant(T) ? NT : 1][4];
-        if constexpr (qpack_kquant(T)) {
+        float tacc[TACC ? NT : 1][4];
+        if constexpr (TACC) {
 #pragma unroll
             for (int j = 0; j < NT; ++j)
 #pragma unroll
@@ -323,8 +326,14 @@ qmm_kernel(const uint8_t* __restrict__ w, int n_kt, int n_rt, int n_out, const _
                 if constexpr (two) bl[j] = live ? __ldg(reinterpret_cast<const uint4*>(xl + o)) : make_uint4(0, 0, 0, 0);
             }
             uint32_t a[2][4];
-            chunk_int_frags<T>(cur, ch, c, a);
-            if constexpr (qpack_kquant(T)) {
+            chunk_int_frags<T, KQH>(cur, ch, c, a);
+            if constexpr (KQH) {
+#pragma unroll
+                for (int j = 0; j < NT; ++j) {
+                    mma16816(acc[j], a[0], b[j].x, b[j].y);
+                    mma16816(acc[j], a[1], b[j].z, b[j].w);
+                }
+            } else if constexpr (qpack_kquant(T)) {
 #pragma unroll
                 for (int j = 0; j < NT; ++j) {
                     mma16816(tacc[j], a[0], b[j].x, b[j].y);
@@ -374,7 +383,7 @@ qmm_kernel(const uint8_t* __restrict__ w, int n_kt, int n_rt, int n_out, const _
             // they would take 32 NT registers).
             if constexpr (NT >= 4) asm volatile("" ::: "memory");
         }
-        if constexpr (qpack_kquant(T)) {
+        if constexpr (TACC) {
             const float d0 = f16_lo(cur.s[0].x), d1 = f16_hi(cur.s[0].x);
 #pragma unroll
             for (int j = 0; j < NT; ++j) {
@@ -595,10 +604,16 @@ QmmShape qmm_shape(int per_sm, int64_t n_rt, int64_t n_kt, int64_t n_rows, int n
 template <int T, int NT, bool LO, bool HL = false>
 bool launch_qmm(const uint8_t* w, int64_t n_in, int64_t n_out, const __half* xh, const __half* xl, const __half* xm,
                 int64_t n_rows, float* y, float* part, size_t part_floats, bool invariant, cudaStream_t stream) {
-    // HL (1..4 rows): 64 registers, four blocks an SM, no prefetch: more warps hide the loads
-    // better than a prefetched tile per warp (measured: docs/perf.md). Otherwise two blocks,
-    // with the next tile's loads in flight up to 2 activation tiles.
-    constexpr auto kernel = qmm_kernel<T, NT, LO, HL, !HL && NT <= 2, HL ? 4 : 2>;
+    // Measured on the H100 (docs/perf.md): more resident warps hide the weight loads better
+    // than a prefetched tile per warp, except at 5..8 rows (one activation tile, high and low
+    // parts in two MMAs): HL (1..4 rows) 64 registers and four blocks an SM, 2 activation tiles
+    // three blocks, 4 and 8 two. With 8 tiles the K-quant weights are scaled in F16 (d * sc,
+    // rounded once, as the block formats' d) straight into the accumulators: tile sums per
+    // activation tile do not fit the registers.
+    constexpr bool kqh = qpack_kquant(T) && !LO && NT >= 8;
+    constexpr bool pf = NT == 1 && !HL;
+    constexpr int minb = HL ? 4 : NT == 2 ? 3 : 2;
+    constexpr auto kernel = qmm_kernel<T, NT, LO, HL, pf, minb, kqh>;
     static int per_sm = 0;  // resident blocks per SM of this instantiation
     if (per_sm == 0) {
         CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, k_threads, 0));
@@ -682,9 +697,13 @@ bool qmm(int type, const void* w, int64_t n_in, int64_t n_out, const float* x, i
             ok = launch_qmm<T, 1, true>(wb, n_in, n_out, xh, xl, xm, n_rows, y, part, part_floats, false, stream);
         } else if (n_rows <= 16) {
             ok = launch_qmm<T, 2, false>(wb, n_in, n_out, xh, xl, xm, n_rows, y, part, part_floats, false, stream);
-        } else {
-            // 32 rows a block (8 activation tiles take more registers than there are).
+        } else if (n_rows <= 32 || n_out < 16384) {
             ok = launch_qmm<T, 4, false>(wb, n_in, n_out, xh, xl, xm, n_rows, y, part, part_floats, false, stream);
+        } else {
+            // 64 rows a grid row: each weight decoded for twice the activations, but a block
+            // takes 8 row tiles; measured (H100, 64 rows) 18-20% faster on 7B's 22016-wide
+            // gate|up, slower (up to 17%) on narrower outputs, which leave too few blocks.
+            ok = launch_qmm<T, 8, false>(wb, n_in, n_out, xh, xl, xm, n_rows, y, part, part_floats, false, stream);
         }
     });
     return ok;

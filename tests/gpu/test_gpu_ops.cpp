@@ -177,6 +177,7 @@ std::vector<Case> make_cases(int n_threads) {
         {2048, 11264, {1, 16, 64, 256}, true},                    // TinyLlama fused gate|up
         {4096, 12288, {1, 16, 64}, true},                         // Llama-2-7B fused q|k|v
         {4096, 22016, {16, 64}, false, bench_types},              // Llama-2-7B fused gate|up
+        {256, 16400, {33, 64, 100}, true},                        // 64-row tiles (n_out >= 16384), every format
         {4096, 11008, {8}, false, bench_types},                   // decode batch of 8
         {2048, 5632, {512, 1024}, false, bench_types},            // prefill chunks (the largest: cuBLAS)
         {4096, 11008, {512}, false, bench_types},
