@@ -12,7 +12,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "io/tokenizer.h"
+#include "../io/tokenizer.h"
 
 namespace coinfer {
 

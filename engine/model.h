@@ -5,9 +5,9 @@
 #include <string>
 #include <vector>
 
-#include "io/gguf.h"
-#include "io/model_config.h"
-#include "io/tokenizer.h"
+#include "../io/gguf.h"
+#include "../io/model_config.h"
+#include "../io/tokenizer.h"
 
 namespace coinfer {
 

@@ -20,7 +20,7 @@
 
 #include <asio.hpp>
 
-#include "engine/backend.h"
+#include "../engine/backend.h"
 #include "planner.h"
 #include "request_state.h"
 

@@ -28,8 +28,8 @@
 #include <unordered_map>
 #include <vector>
 
-#include "engine/kv_pool.h"
-#include "io/tokenizer.h"
+#include "../engine/kv_pool.h"
+#include "../io/tokenizer.h"
 
 namespace coinfer {
 

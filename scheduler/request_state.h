@@ -14,8 +14,8 @@
 
 #include <asio.hpp>
 
-#include "engine/sampler.h"
-#include "io/tokenizer.h"
+#include "../engine/sampler.h"
+#include "../io/tokenizer.h"
 
 namespace coinfer {
 

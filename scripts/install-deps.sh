@@ -12,7 +12,7 @@ pkgs=(g++ meson ninja-build pkg-config python3
 with_tests=0
 [ "${1:-}" = "--test" ] && with_tests=1
 if [ $with_tests = 1 ]; then
-  pkgs+=(chromium)
+  pkgs+=(chromium cmake)  # cmake: the outside CMake project of tests/consumers
   command -v npm >/dev/null || pkgs+=(nodejs npm)
 fi
 missing=()
