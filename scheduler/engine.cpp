@@ -97,7 +97,7 @@ struct Engine::Impl {
 
 // ---- construction ----
 
-Engine::Engine(asio::any_io_executor ex, EngineOptions opt) : executor_(std::move(ex)), impl_(std::make_unique<Impl>()) {
+Engine::Engine(asio::any_io_executor ex, EngineOptions opt) : executor_(std::move(ex)), impl_(std::make_shared<Impl>()) {
     Impl& im = *impl_;
     im.opt = std::move(opt);
     im.model = im.opt.loaded ? im.opt.loaded : Model::load(im.opt.model);
@@ -157,8 +157,8 @@ bool Engine::wait_for_stats(const std::function<bool(const EngineStats&)>& pred,
 
 // ---- submission (any thread) ----
 
-Engine::Prepared Engine::prepare(const Request& req) {
-    const Model& model = *impl_->model;
+Engine::Prepared Engine::prepare(Impl& im, const Request& req) {
+    const Model& model = *im.model;
     Prepared p;
     p.request = req;
     if (!req.prompt_ids.empty()) {
@@ -173,24 +173,23 @@ Engine::Prepared Engine::prepare(const Request& req) {
     GenerateOptions g;
     g.max_tokens = req.max_tokens;
     g.sampling = req.sampling;
-    g.n_ctx = impl_->n_ctx;
+    g.n_ctx = im.n_ctx;
     // Too long for the context: its own error code, so a server can say so (OpenAI's
     // context_length_exceeded).
-    if (impl_->n_ctx > 0 && p.prompt_ids.size() >= static_cast<size_t>(impl_->n_ctx))
+    if (im.n_ctx > 0 && p.prompt_ids.size() >= static_cast<size_t>(im.n_ctx))
         throw EngineError(make_error_code(EngineErrc::too_long),
                           fmt::format("the prompt has {} tokens, which does not fit the context of {} tokens",
-                                      p.prompt_ids.size(), impl_->n_ctx));
+                                      p.prompt_ids.size(), im.n_ctx));
     validate_generate(model, p.prompt_ids.size(), g);  // empty prompt, context, sampling values
-    if (static_cast<int64_t>(p.prompt_ids.size()) + req.max_tokens > impl_->n_ctx)
+    if (static_cast<int64_t>(p.prompt_ids.size()) + req.max_tokens > im.n_ctx)
         throw_error("prompt ({} tokens) plus max_tokens ({}) exceeds the context of {} tokens",
-                    p.prompt_ids.size(), req.max_tokens, impl_->n_ctx);
-    p.state = std::make_shared<detail::RequestState>(impl_->next_id.fetch_add(1));
+                    p.prompt_ids.size(), req.max_tokens, im.n_ctx);
+    p.state = std::make_shared<detail::RequestState>(im.next_id.fetch_add(1));
     p.submitted = std::chrono::steady_clock::now();
     return p;
 }
 
-std::error_code Engine::submit(Prepared p) {
-    Impl& im = *impl_;
+std::error_code Engine::submit(Impl& im, Prepared p) {
     std::error_code ec;
     std::unique_lock lock(im.submit_mutex);
     if (im.stopping.load()) {
@@ -209,10 +208,21 @@ std::error_code Engine::submit(Prepared p) {
     return {};
 }
 
+void Engine::start_complete(Impl& im, Prepared p, detail::DoneHandler done, asio::cancellation_slot slot) {
+    if (slot.is_connected()) {
+        std::weak_ptr<detail::RequestState> weak = p.state;
+        slot.assign([weak](asio::cancellation_type) {
+            if (auto s = weak.lock()) s->cancel();
+        });
+    }
+    p.state->on_done(std::move(done), p.prompt_ids);
+    submit(im, std::move(p));
+}
+
 TokenStream Engine::generate(const Request& req) {
-    Prepared p = prepare(req);
+    Prepared p = prepare(*impl_, req);
     TokenStream stream(p.state, p.prompt_ids, executor_);
-    if (auto ec = submit(std::move(p)))
+    if (auto ec = submit(*impl_, std::move(p)))
         throw EngineError(ec, ec == EngineErrc::queue_full
                                   ? fmt::format("too many waiting requests (max_waiting = {})", impl_->opt.max_waiting)
                                   : ec.message());

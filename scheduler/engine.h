@@ -8,13 +8,18 @@
 //   auto done = co_await engine.async_complete(req, asio::use_awaitable);
 //
 // The async operations follow Asio's completion-token conventions (use_awaitable, deferred,
-// callbacks), and cancellation comes through the handler's cancellation slot. Dropping a
-// TokenStream cancels its request. Invalid requests throw coinfer::Error from the initiating
+// callbacks), and cancellation comes through the handler's cancellation slot: for a stream's
+// next(), a terminal cancellation cancels the request, a partial or total one only ends that
+// wait (operation_aborted) and the request runs on for the next next(); async_complete's wait is
+// its request, so any cancellation cancels it. A deferred async_complete does nothing until it
+// is started (tokenization included) and, started after its Engine is gone, completes with
+// EngineErrc::stopped. Dropping a TokenStream cancels its request. Invalid requests throw coinfer::Error from the initiating
 // call. A full queue fails at once: generate() throws EngineError(queue_full), async_complete
 // completes with EngineErrc::queue_full. Neither touches other requests.
 #include <chrono>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -103,8 +108,11 @@ public:
                 auto slot = asio::get_associated_cancellation_slot(handler);
                 if (slot.is_connected()) {
                     std::weak_ptr<detail::RequestState> weak = state;
-                    slot.assign([weak](asio::cancellation_type) {
-                        if (auto s = weak.lock()) s->cancel();
+                    slot.assign([weak](asio::cancellation_type type) {
+                        auto s = weak.lock();
+                        if (!s) return;
+                        if ((type & asio::cancellation_type::terminal) != asio::cancellation_type::none) s->cancel();
+                        else s->abort_wait();
                     });
                 }
                 state->next(detail::bind_to_executor<std::error_code, std::optional<TokenEvent>>(std::move(handler), fallback));
@@ -145,25 +153,23 @@ public:
 
     TokenStream generate(const Request& req);
 
-    // Completion signature void(std::error_code, Completion).
+    // Completion signature void(std::error_code, Completion). The request is validated and
+    // tokenized when the operation starts; an invalid one throws coinfer::Error from there.
     template <typename CompletionToken>
-    auto async_complete(const Request& req, CompletionToken&& token) {
-        auto prepared = prepare(req);
+    auto async_complete(Request req, CompletionToken&& token) {
         return asio::async_initiate<CompletionToken, void(std::error_code, Completion)>(
-            [this, prepared = std::move(prepared)](auto handler) mutable {
-                auto state = prepared.state;
+            [impl = std::weak_ptr<Impl>(impl_), ex = executor_](auto handler, Request req) {
                 auto slot = asio::get_associated_cancellation_slot(handler);
-                if (slot.is_connected()) {
-                    std::weak_ptr<detail::RequestState> weak = state;
-                    slot.assign([weak](asio::cancellation_type) {
-                        if (auto s = weak.lock()) s->cancel();
-                    });
-                }
-                state->on_done(detail::bind_to_executor<std::error_code, Completion>(std::move(handler), executor_),
-                               prepared.prompt_ids);
-                submit(std::move(prepared));
+                const std::shared_ptr<Impl> im = impl.lock();
+                // Validation first: a request that throws leaves the handler (and the work it
+                // holds on its executor) untouched.
+                std::optional<Prepared> p;
+                if (im) p.emplace(prepare(*im, req));
+                auto done = detail::bind_to_executor<std::error_code, Completion>(std::move(handler), ex);
+                if (!im) done(EngineErrc::stopped, Completion{});
+                else start_complete(*im, std::move(*p), std::move(done), slot);
             },
-            token);
+            token, std::move(req));
     }
 
     EngineStats stats() const;
@@ -184,12 +190,14 @@ public:
     };
 
 private:
-    Prepared prepare(const Request& req);
-    std::error_code submit(Prepared p);  // queue_full / stopped finish the request at once
-
     struct Impl;
+    static Prepared prepare(Impl& im, const Request& req);
+    static std::error_code submit(Impl& im, Prepared p);  // queue_full / stopped finish the request at once
+    // async_complete, started and validated: the cancellation slot, the handler, submit.
+    static void start_complete(Impl& im, Prepared p, detail::DoneHandler done, asio::cancellation_slot slot);
+
     asio::any_io_executor executor_;
-    std::unique_ptr<Impl> impl_;
+    std::shared_ptr<Impl> impl_;  // shared with started operations, which hold it weakly
 };
 
 }  // namespace coinfer

@@ -71,6 +71,13 @@ void RequestState::cancel() {
     if (w) w(asio::error::operation_aborted, std::nullopt);
 }
 
+void RequestState::abort_wait() {
+    std::unique_lock lock(m_);
+    NextHandler w = std::move(waiter_);
+    lock.unlock();
+    if (w) w(asio::error::operation_aborted, std::nullopt);
+}
+
 FinishReason RequestState::finish_reason() const {
     std::lock_guard lock(m_);
     return reason_;

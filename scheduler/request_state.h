@@ -124,6 +124,9 @@ public:
     // Marks the request cancelled; a pending next() completes with operation_aborted, and the
     // step loop frees the blocks at its next step.
     void cancel();
+    // Ends a pending next() with operation_aborted and leaves the request running (a partial or
+    // total cancellation of the wait).
+    void abort_wait();
     bool cancel_requested() const { return cancel_requested_.load(std::memory_order_acquire); }
     FinishReason finish_reason() const;
     std::error_code error() const;

@@ -348,6 +348,106 @@ TEST_CASE("the stream's next() also takes callbacks, and cancellation through a 
     CHECK(engine.stats().n_requests_cancelled >= 1);
 }
 
+TEST_CASE("a partial or total cancellation through a slot ends only that next(); a terminal one cancels the request") {
+    if (!stories()) return;
+    asio::io_context io;
+    Engine engine(io.get_executor(), options());
+    const Request req = greedy("Once upon a time", 40);
+    const auto want = expected(stories()->tokenizer().encode(req.prompt, true, true), 40);
+    for (auto type : {asio::cancellation_type::total, asio::cancellation_type::partial}) {
+        TokenStream stream = engine.generate(req);
+        asio::cancellation_signal sig;
+        std::vector<TokenId> got;
+        std::error_code first_ec;
+        bool first_done = false;
+        stream.async_next(asio::bind_cancellation_slot(sig.slot(), [&](std::error_code ec, std::optional<TokenEvent> ev) {
+            first_done = true;
+            first_ec = ec;
+            if (ev) got.push_back(ev->id);
+        }));
+        sig.emit(type);  // the wait is pending, or already answered by a buffered token (then a no-op)
+        io.run();
+        io.restart();
+        CHECK(first_done);
+        if (got.empty()) CHECK(first_ec == asio::error::operation_aborted);
+        // The request ran on: the rest of its tokens are the reference's.
+        asio::co_spawn(io, [&]() -> asio::awaitable<void> {
+            while (auto tok = co_await stream.next()) got.push_back(tok->id);
+        }, asio::detached);
+        io.run();
+        io.restart();
+        CHECK(got == want);
+        CHECK(stream.finish_reason() != FINISH_REASON_CANCELLED);
+        CHECK(!stream.error());
+    }
+    const int64_t cancelled_before = engine.stats().n_requests_cancelled;
+    Request long_req = greedy("Once upon a time", 1000);
+    long_req.ignore_eos = true;
+    TokenStream stream = engine.generate(long_req);
+    asio::cancellation_signal sig;
+    std::error_code ec;
+    stream.async_next(asio::bind_cancellation_slot(sig.slot(), [&](std::error_code e, std::optional<TokenEvent> ev) {
+        ec = ev ? std::error_code() : e;
+    }));
+    sig.emit(asio::cancellation_type::terminal);
+    io.run();
+    io.restart();
+    CHECK(engine.wait_for_stats([&](const EngineStats& st) { return st.n_requests_cancelled > cancelled_before; },
+                                std::chrono::seconds(10)));
+    CHECK(stream.finish_reason() == FINISH_REASON_CANCELLED);
+}
+
+TEST_CASE("a deferred async_complete does nothing until started, and started after its Engine is gone ends with stopped") {
+    if (!stories()) return;
+    asio::io_context io;
+    auto engine = std::make_unique<Engine>(io.get_executor(), options());
+    const Request req = greedy("Once upon a time", 8);
+    auto op = engine->async_complete(req, asio_deferred::deferred);
+    Request bad = req;
+    bad.max_tokens = 0;
+    auto bad_op = engine->async_complete(bad, asio_deferred::deferred);  // not validated until started
+    CHECK(engine->stats().n_waiting == 0);
+    CHECK_THROWS_AS(std::move(bad_op)([](std::error_code, Completion) {}), Error);
+    CHECK(engine->stats().n_waiting == 0);
+    CHECK(engine->stats().n_requests_finished == 0);
+    engine.reset();
+    bool called = false;
+    std::error_code got;
+    std::move(op)([&](std::error_code ec, Completion) {
+        called = true;
+        got = ec;
+    });
+    io.run();
+    CHECK(called);
+    CHECK(got == EngineErrc::stopped);
+}
+
+TEST_CASE("completions and tokens run on the handler's associated executor") {
+    if (!stories()) return;
+    asio::io_context io, other;
+    Engine engine(io.get_executor(), options());
+    bool done = false, on_other = false;
+    engine.async_complete(greedy("Once upon a time", 8), asio::bind_executor(other, [&](std::error_code ec, Completion c) {
+        CHECK(!ec);
+        CHECK(!c.ids.empty());
+        done = true;
+        on_other = other.get_executor().running_in_this_thread();
+    }));
+    TokenStream stream = engine.generate(greedy("The little dog", 8));
+    bool tok_done = false, tok_on_other = false;
+    stream.async_next(asio::bind_executor(other, [&](std::error_code ec, std::optional<TokenEvent> ev) {
+        CHECK(!ec);
+        CHECK(ev.has_value());
+        tok_done = true;
+        tok_on_other = other.get_executor().running_in_this_thread();
+    }));
+    other.run();  // the handlers keep `other` busy until they have run
+    CHECK(done);
+    CHECK(on_other);
+    CHECK(tok_done);
+    CHECK(tok_on_other);
+}
+
 TEST_CASE("shutdown() ends running and waiting requests with stopped, refuses later ones, and is idempotent") {
     if (!stories()) return;
     asio::io_context io;
