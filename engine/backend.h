@@ -93,6 +93,10 @@ std::unique_ptr<Backend> make_cuda_backend(std::shared_ptr<const Model> model, c
 // True when this build has CUDA and a device is present (device "auto" picks cuda then).
 bool cuda_device_available();
 
+// Test hook: `inner`, with each forward pass failing with probability `rate` (bad_alloc or an
+// Error, when queued or, for launch/wait backends, after the wait) from a seeded generator.
+std::unique_ptr<Backend> make_fault_backend(std::unique_ptr<Backend> inner, double rate, uint64_t seed);
+
 // Checks a batch against the model and pool geometry (shared by the backends).
 void validate_batch(const Batch& batch, const ModelConfig& config, int32_t n_blocks, int32_t block_size);
 

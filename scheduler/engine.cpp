@@ -110,6 +110,7 @@ Engine::Engine(asio::any_io_executor ex, EngineOptions opt) : executor_(std::mov
     } else {
         throw_error("device '{}' is not available in this build (use cpu)", im.opt.device);
     }
+    if (im.opt.fault_rate > 0.0) im.backend = make_fault_backend(std::move(im.backend), im.opt.fault_rate, im.opt.fault_seed);
     im.pool = std::make_unique<KvBlockPool>(im.backend->n_blocks(), im.backend->block_size());
     im.planner = std::make_unique<Planner>(*im.pool, im.opt.planner);
     im.n_ctx = im.opt.n_ctx > 0 ? im.opt.n_ctx

@@ -50,6 +50,10 @@ struct EngineOptions {
     PlannerOptions planner{};                // token budget, max sequences, prefix cache
     int32_t max_waiting = 4096;              // submitted but not yet started requests
     int32_t n_ctx = 0;                       // per-request context limit; 0: the model's
+    // Test hook: this fraction of forward passes fails by an injected fault (make_fault_backend),
+    // from a generator seeded with fault_seed. 0 in any real use.
+    double fault_rate = 0.0;
+    uint64_t fault_seed = 1;
 };
 
 struct EngineStats {

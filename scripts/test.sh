@@ -23,12 +23,13 @@ UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 ASAN_OPTIONS=detect_leaks=1 \
   meson test -C build-asan --no-rebuild --print-errorlogs "${san_tests[@]}" || status=1
 
 # ThreadSanitizer build: the async engine's tests (threads submitting at once, cancellation from
-# other threads and slots, shutdown while streams run), which must come out clean.
+# other threads and slots, shutdown while streams run, the soak with injected faults), which must
+# come out clean.
 [ -d build-tsan ] || meson setup build-tsan -Dbuildtype=debugoptimized -Db_sanitize=thread \
   -Db_lundef=false -Dcuda=disabled >/dev/null
 ninja -C build-tsan -j "$jobs" tests/model/test_engine
 TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 \
-  meson test -C build-tsan --no-rebuild --print-errorlogs test_engine || status=1
+  meson test -C build-tsan --no-rebuild --print-errorlogs test_engine test_engine_soak || status=1
 
 python3 scripts/test_summary.py build/meson-logs/testlog.json build-asan/meson-logs/testlog.json \
   build-tsan/meson-logs/testlog.json
