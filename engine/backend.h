@@ -56,6 +56,13 @@ struct DeviceSampleOut {
     std::vector<TokenLogprob> top_logprobs;  // n_logprobs entries, as top_logprobs() gives
 };
 
+// Thrown by a backend whose device can run nothing more (a sticky CUDA error, an injected
+// fatal fault): the engine then fails every request and refuses new ones (engine_failed).
+class FatalBackendError : public Error {
+public:
+    using Error::Error;
+};
+
 class Backend {
 public:
     virtual ~Backend() = default;
@@ -94,8 +101,10 @@ std::unique_ptr<Backend> make_cuda_backend(std::shared_ptr<const Model> model, c
 bool cuda_device_available();
 
 // Test hook: `inner`, with each forward pass failing with probability `rate` (bad_alloc or an
-// Error, when queued or, for launch/wait backends, after the wait) from a seeded generator.
-std::unique_ptr<Backend> make_fault_backend(std::unique_ptr<Backend> inner, double rate, uint64_t seed);
+// Error, when queued or, for launch/wait backends, after the wait) from a seeded generator, and
+// pass number `fatal_at` (1-based; 0: none) and every later one failing with FatalBackendError.
+std::unique_ptr<Backend> make_fault_backend(std::unique_ptr<Backend> inner, double rate, uint64_t seed,
+                                            int64_t fatal_at = 0);
 
 // Checks a batch against the model and pool geometry (shared by the backends).
 void validate_batch(const Batch& batch, const ModelConfig& config, int32_t n_blocks, int32_t block_size);

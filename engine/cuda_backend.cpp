@@ -1053,7 +1053,13 @@ void CudaBackend::wait_sample(std::span<DeviceSampleOut> out) {
         throw_error("wait_sample: no step was launched");
     }
     pending_.active = false;
-    CUDA_CHECK(cudaStreamSynchronize(stream_));
+    // A kernel fault surfaces here; a sticky one leaves the device unable to run anything more.
+    if (const cudaError_t e = cudaStreamSynchronize(stream_); e != cudaSuccess) {
+        if (kn::cuda_error_is_sticky(e))
+            throw FatalBackendError(fmt::format("cuda: the device can run nothing more: {} ({})", cudaGetErrorName(e),
+                                                cudaGetErrorString(e)));
+        CUDA_CHECK(e);
+    }
     const size_t n_out = pending_.n_out;
     if (out.size() != n_out) throw_error("wait_sample: {} outputs for {} logit rows", out.size(), n_out);
     const char* back = pending_.back;

@@ -16,8 +16,8 @@ namespace {
 
 class FaultBackend final : public Backend {
 public:
-    FaultBackend(std::unique_ptr<Backend> inner, double rate, uint64_t seed)
-        : inner_(std::move(inner)), rate_(rate), rng_(seed) {}
+    FaultBackend(std::unique_ptr<Backend> inner, double rate, uint64_t seed, int64_t fatal_at)
+        : inner_(std::move(inner)), rate_(rate), fatal_at_(fatal_at), rng_(seed) {}
 
     std::string name() const override { return inner_->name(); }
     int32_t n_blocks() const override { return inner_->n_blocks(); }
@@ -51,22 +51,27 @@ private:
         int kind = -1;
         {
             std::lock_guard lock(m_);
-            if (std::uniform_real_distribution<double>(0.0, 1.0)(rng_) < rate_) kind = int(rng_() % 2);
+            if (fatal_at_ > 0 && ++n_calls_ >= fatal_at_) kind = 2;
+            else if (std::uniform_real_distribution<double>(0.0, 1.0)(rng_) < rate_) kind = int(rng_() % 2);
         }
+        if (kind == 2) throw FatalBackendError(fmt::format("injected fatal device fault in {}", where));
         if (kind == 0) throw std::bad_alloc();
         if (kind == 1) throw_error("injected fault in {}", where);
     }
 
     std::unique_ptr<Backend> inner_;
     const double rate_;
+    const int64_t fatal_at_;
+    int64_t n_calls_ = 0;
     std::mutex m_;
     std::mt19937_64 rng_;
 };
 
 }  // namespace
 
-std::unique_ptr<Backend> make_fault_backend(std::unique_ptr<Backend> inner, double rate, uint64_t seed) {
-    return std::make_unique<FaultBackend>(std::move(inner), rate, seed);
+std::unique_ptr<Backend> make_fault_backend(std::unique_ptr<Backend> inner, double rate, uint64_t seed,
+                                            int64_t fatal_at) {
+    return std::make_unique<FaultBackend>(std::move(inner), rate, seed, fatal_at);
 }
 
 }  // namespace coinfer

@@ -1,5 +1,6 @@
 // coinfer serve: the OpenAI-compatible HTTP server (see server/server.h).
 #include <csignal>
+#include <cstdlib>
 #include <filesystem>
 #include <functional>
 
@@ -109,6 +110,8 @@ int cmd_serve(Args& args) {
     eopt.planner.max_seqs = static_cast<int32_t>(int_in(args, "--max-seqs", 256, 1, 1 << 16));
     eopt.planner.max_prompt_tokens_mixed = static_cast<int32_t>(int_in(args, "--max-prompt-mixed", 512, 0, 1 << 20));
     eopt.n_ctx = static_cast<int32_t>(int_in(args, "--ctx-size", 0, 0, 1 << 24, "-c"));
+    // Test hooks of the server tests (EngineOptions::fault_*): a lost device at pass N.
+    if (const char* v = std::getenv("COINFER_TEST_FAULT_FATAL_AT"); v && *v) eopt.fault_fatal_at = std::atoll(v);
     if (!model_path) throw UsageError("missing -m MODEL");
     if (!args.positionals().empty()) throw UsageError("unexpected argument");
 

@@ -19,6 +19,24 @@ inline void cuda_check(cudaError_t e, const char* what, const char* file, int li
     if (e != cudaSuccess) cuda_fail(what, cudaGetErrorName(e), cudaGetErrorString(e), file, line);
 }
 
+// Errors after which the CUDA context is unusable: every later call returns them again.
+inline bool cuda_error_is_sticky(cudaError_t e) {
+    switch (e) {
+        case cudaErrorIllegalAddress:
+        case cudaErrorLaunchFailure:
+        case cudaErrorHardwareStackError:
+        case cudaErrorIllegalInstruction:
+        case cudaErrorMisalignedAddress:
+        case cudaErrorInvalidAddressSpace:
+        case cudaErrorInvalidPc:
+        case cudaErrorECCUncorrectable:
+        case cudaErrorLaunchTimeout:
+            return true;
+        default:
+            return false;
+    }
+}
+
 inline void cublas_check(cublasStatus_t s, const char* what, const char* file, int line) {
     if (s != CUBLAS_STATUS_SUCCESS) cuda_fail(what, cublasGetStatusName(s), cublasGetStatusString(s), file, line);
 }

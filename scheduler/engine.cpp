@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <condition_variable>
 #include <mutex>
 #include <thread>
@@ -67,6 +68,7 @@ struct Engine::Impl {
     std::atomic<int32_t> n_not_started{0};  // submitted, not yet admitted to a step
     std::atomic<uint64_t> next_id{1};
     std::atomic<bool> stopping{false};
+    std::atomic<bool> failed{false};  // the backend threw FatalBackendError: nothing runs any more
     std::mutex submit_mutex;  // orders submissions against shutdown(): none is queued after it
     std::thread thread;
 
@@ -90,6 +92,15 @@ struct Engine::Impl {
     std::vector<Sampled> complete(InFlight& f, std::unordered_set<SeqId>& ending);
     void deliver(std::vector<Sampled>& done);
     void fail_step(const InFlight& f, const std::string& what);
+    // A step's error: FatalBackendError fails the engine (every request, and all later ones),
+    // anything else the step's requests.
+    void step_error(const std::exception& e, const InFlight* f);
+    void fail_engine(const std::string& why);
+    void fail_all(std::error_code ec, const std::string& why);
+    std::string failure_message() const {
+        std::lock_guard lock(stats_mutex);
+        return stats.failure;
+    }
     void finish(SeqId id, FinishReason reason, std::error_code ec = {}, std::string message = {});
     void publish_stats(bool idle, const InFlight* launched = nullptr);  // and notifies stats_cv
     void publish_stats_locked(bool idle, const InFlight* launched);
@@ -110,7 +121,8 @@ Engine::Engine(asio::any_io_executor ex, EngineOptions opt) : executor_(std::mov
     } else {
         throw_error("device '{}' is not available in this build (use cpu)", im.opt.device);
     }
-    if (im.opt.fault_rate > 0.0) im.backend = make_fault_backend(std::move(im.backend), im.opt.fault_rate, im.opt.fault_seed);
+    if (im.opt.fault_rate > 0.0 || im.opt.fault_fatal_at > 0)
+        im.backend = make_fault_backend(std::move(im.backend), im.opt.fault_rate, im.opt.fault_seed, im.opt.fault_fatal_at);
     im.pool = std::make_unique<KvBlockPool>(im.backend->n_blocks(), im.backend->block_size());
     im.planner = std::make_unique<Planner>(*im.pool, im.opt.planner);
     im.n_ctx = im.opt.n_ctx > 0 ? im.opt.n_ctx
@@ -195,6 +207,8 @@ std::error_code Engine::submit(Impl& im, Prepared p) {
     std::unique_lock lock(im.submit_mutex);
     if (im.stopping.load()) {
         ec = EngineErrc::stopped;
+    } else if (im.failed.load()) {
+        ec = EngineErrc::engine_failed;
     } else if (im.n_not_started.fetch_add(1) >= im.opt.max_waiting) {
         im.n_not_started.fetch_sub(1);
         ec = EngineErrc::queue_full;
@@ -202,7 +216,8 @@ std::error_code Engine::submit(Impl& im, Prepared p) {
     if (ec) {
         lock.unlock();
         // The request never started: finishing it tells a waiting handler (async_complete).
-        p.state->finish(FINISH_REASON_ERROR, ec, ec.message(), 0);
+        p.state->finish(FINISH_REASON_ERROR, ec,
+                        ec == EngineErrc::engine_failed ? ec.message() + ": " + im.failure_message() : ec.message(), 0);
         return ec;
     }
     im.queue.enqueue(std::make_unique<Prepared>(std::move(p)));
@@ -226,7 +241,7 @@ TokenStream Engine::generate(const Request& req) {
     if (auto ec = submit(*impl_, std::move(p)))
         throw EngineError(ec, ec == EngineErrc::queue_full
                                   ? fmt::format("too many waiting requests (max_waiting = {})", impl_->opt.max_waiting)
-                                  : ec.message());
+                                  : stream.error_message());
     return stream;
 }
 
@@ -300,16 +315,25 @@ void Engine::Impl::run() {
             got = queue.try_dequeue(p);
         }
         if (stopping.load()) break;
-        // Cancellations take effect here, so their blocks are free within one step.
-        std::vector<SeqId> cancelled;
-        for (auto& [id, a] : active)
-            if (a->state->cancel_requested()) cancelled.push_back(id);
-        for (SeqId id : cancelled) finish(id, FINISH_REASON_CANCELLED, asio::error::operation_aborted);
-        if (planner->idle() && !in_flight) {
-            publish_stats(true);
-            continue;
+        try {
+            // Submitted before the failure was seen: they end as every other request did.
+            if (failed.load()) fail_all(EngineErrc::engine_failed, failure_message());
+            // Cancellations take effect here, so their blocks are free within one step.
+            std::vector<SeqId> cancelled;
+            for (auto& [id, a] : active)
+                if (a->state->cancel_requested()) cancelled.push_back(id);
+            for (SeqId id : cancelled) finish(id, FINISH_REASON_CANCELLED, asio::error::operation_aborted);
+            if (planner->idle() && !in_flight) {
+                publish_stats(true);
+                continue;
+            }
+            step();
+        } catch (const std::exception& e) {
+            // Nothing escapes the loop: an error outside a step's own handling (planning, an
+            // allocation) fails the requests in hand, and the loop serves the next ones.
+            std::fprintf(stderr, "engine: step loop error: %s\n", e.what());
+            step_error(e, nullptr);
         }
-        step();
     }
     // Shutting down: the step on the device is drained (its tokens delivered), then everything
     // unfinished ends with `stopped`.
@@ -350,10 +374,12 @@ void Engine::Impl::step() {
             done = complete(*f, ending);
         } catch (const std::exception& e) {
             // Whatever failed (the forward pass, an allocation, a bad id from the device) fails
-            // the requests of this step, never the engine or the others.
-            fail_step(*f, e.what());
+            // the requests of this step, never the engine or the others (unless the device is
+            // lost: then everything).
+            step_error(e, f.get());
             done.clear();
             ending.clear();
+            if (failed.load()) return;
         }
     }
 
@@ -446,6 +472,10 @@ std::unique_ptr<InFlight> Engine::Impl::launch(const StepPlan& plan, const std::
         if (device_sampling) backend->launch_sample(f->batch, f->rows);
     } catch (const std::exception& e) {
         // Nothing was hashed for this step yet (update comes next iteration).
+        if (dynamic_cast<const FatalBackendError*>(&e)) {
+            fail_engine(e.what());
+            return nullptr;
+        }
         for (const PlannedSeq& ps : f->plan.seqs) finish(ps.id, FINISH_REASON_ERROR, EngineErrc::backend_failed, e.what());
         return nullptr;
     }
@@ -537,7 +567,7 @@ void Engine::Impl::deliver(std::vector<Sampled>& done) {
         Active& a = *it->second;
         TokenEvent& ev = d.ev;
         if (ev.id < 0) {
-            finish(d.id, FINISH_REASON_ERROR, EngineErrc::backend_failed, "no token can be sampled (all banned)");
+            finish(d.id, FINISH_REASON_ERROR, EngineErrc::invalid_request, "no token can be sampled (all banned)");
             continue;
         }
         ++n_gen;
@@ -565,6 +595,44 @@ void Engine::Impl::fail_step(const InFlight& f, const std::string& what) {
     for (const PlannedSeq& ps : f.plan.seqs) finish(ps.id, FINISH_REASON_ERROR, EngineErrc::backend_failed, what);
     // The blocks that the step's update hashed never got their K/V.
     planner->drop_last_hashes();
+}
+
+void Engine::Impl::step_error(const std::exception& e, const InFlight* f) {
+    if (dynamic_cast<const FatalBackendError*>(&e)) {
+        fail_engine(e.what());
+    } else if (f) {
+        fail_step(*f, e.what());
+    } else {
+        // Which requests the error touched is unknown: the step on the device (if any) is
+        // waited for, then every request in hand fails.
+        if (in_flight) {
+            std::unique_ptr<InFlight> g = std::move(in_flight);
+            std::unordered_set<SeqId> ending;
+            try {
+                complete(*g, ending);
+            } catch (const std::exception&) {
+            }
+            planner->drop_last_hashes();
+        }
+        fail_all(EngineErrc::backend_failed, e.what());
+    }
+}
+
+void Engine::Impl::fail_engine(const std::string& why) {
+    if (!failed.exchange(true)) {
+        std::fprintf(stderr, "engine: %s: every request fails from now on\n", why.c_str());
+        std::lock_guard lock(stats_mutex);
+        stats.failed = true;
+        stats.failure = why;
+    }
+    in_flight.reset();  // the device runs nothing more: its step is not waited for
+    fail_all(EngineErrc::engine_failed, why);
+}
+
+void Engine::Impl::fail_all(std::error_code ec, const std::string& why) {
+    std::vector<SeqId> ids;
+    for (auto& [id, a] : active) ids.push_back(id);
+    for (SeqId id : ids) finish(id, FINISH_REASON_ERROR, ec, why);
 }
 
 void Engine::Impl::publish_stats(bool idle, const InFlight* launched) {

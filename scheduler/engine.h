@@ -50,10 +50,12 @@ struct EngineOptions {
     PlannerOptions planner{};                // token budget, max sequences, prefix cache
     int32_t max_waiting = 4096;              // submitted but not yet started requests
     int32_t n_ctx = 0;                       // per-request context limit; 0: the model's
-    // Test hook: this fraction of forward passes fails by an injected fault (make_fault_backend),
-    // from a generator seeded with fault_seed. 0 in any real use.
+    // Test hooks (make_fault_backend), 0 in any real use: this fraction of forward passes fails
+    // by an injected fault, from a generator seeded with fault_seed; pass number fault_fatal_at
+    // fails as a lost device would.
     double fault_rate = 0.0;
     uint64_t fault_seed = 1;
+    int64_t fault_fatal_at = 0;
 };
 
 struct EngineStats {
@@ -75,6 +77,9 @@ struct EngineStats {
     int32_t last_batch_tokens = 0;
     int32_t peak_batch_seqs = 0;
     double tokens_per_second = 0;   // generated tokens/s over the last second or so
+    // The device failed for good: every request ended with engine_failed, new ones fail at once.
+    bool failed = false;
+    std::string failure;            // why, when failed
 };
 
 class EngineError : public Error {

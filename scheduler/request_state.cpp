@@ -25,6 +25,8 @@ public:
             case EngineErrc::stopped: return "engine stopped";
             case EngineErrc::too_long: return "request needs more KV cache than the pool holds";
             case EngineErrc::backend_failed: return "forward pass failed";
+            case EngineErrc::engine_failed: return "the engine failed (its device can run nothing more)";
+            case EngineErrc::invalid_request: return "invalid request";
         }
         return "unknown engine error";
     }

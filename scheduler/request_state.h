@@ -36,6 +36,8 @@ enum class EngineErrc {
     stopped,          // the engine shut down before the request finished
     too_long,         // the request needs more KV blocks than the whole pool holds
     backend_failed,   // the forward pass failed (the message is in the log and the completion)
+    engine_failed,    // the device can run nothing more: every request fails (EngineStats::failure)
+    invalid_request,  // the request cannot be served as asked (e.g. every token banned)
 };
 
 const std::error_category& engine_category();

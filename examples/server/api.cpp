@@ -524,6 +524,7 @@ asio::awaitable<void> Api::Impl::generate(Exchange& ex, GenSpec& g) {
     } catch (const EngineError& e) {
         if (e.code() == EngineErrc::queue_full) refused = ApiError{429, e.what(), "", "queue_full"};
         else if (e.code() == EngineErrc::too_long) refused = ApiError{400, e.what(), "", "context_length_exceeded"};
+        else if (e.code() == EngineErrc::engine_failed) refused = ApiError{503, e.what(), "", "engine_failed"};
         else refused = ApiError{503, e.what(), "", "engine_unavailable"};
     } catch (const Error& e) {
         refused = ApiError{400, e.what(), "", {}};
@@ -654,6 +655,8 @@ asio::awaitable<void> Api::Impl::generate(Exchange& ex, GenSpec& g) {
         ApiError e{500, stream->error_message().empty() ? error.message() : stream->error_message(), "", {}};
         if (error == EngineErrc::too_long) e.status = 400, e.code = "context_length_exceeded";
         else if (error == EngineErrc::stopped) e.status = 503, e.code = "engine_stopped";
+        else if (error == EngineErrc::engine_failed) e.status = 503, e.code = "engine_failed";
+        else if (error == EngineErrc::invalid_request) e.status = 400, e.code = "invalid_request";
         metrics.count_finish("error");
         const std::string body = error_json(e);
         if (g.stream) {
@@ -772,7 +775,14 @@ std::variant<Reply, GenSpec> Api::Impl::route(const http::Request& r) {
             return reply;
         }
         if (path == "/health") {
-            reply.body = R"({"status":"ok"})";
+            const EngineStats st = engine.stats();
+            if (st.failed) {
+                // The device is lost: a load balancer should take this server out.
+                reply.status = 503;
+                reply.body = dump(json{{"status", "error"}, {"error", st.failure}});
+            } else {
+                reply.body = R"({"status":"ok"})";
+            }
             return reply;
         }
         if (path == "/metrics") {

@@ -423,6 +423,46 @@ TEST_CASE("a deferred async_complete does nothing until started, and started aft
     CHECK(got == EngineErrc::stopped);
 }
 
+TEST_CASE("a lost device fails every request with engine_failed, refuses new ones at once and says why") {
+    if (!stories()) return;
+    asio::io_context io;
+    EngineOptions o = options();
+    o.fault_fatal_at = 6;  // the 6th forward pass: the streams below are all running by then
+    Engine engine(io.get_executor(), o);
+    const int32_t free_start = engine.stats().kv_blocks_free;
+    int n_failed = 0;
+    for (int i = 0; i < 4; ++i) {
+        asio::co_spawn(io, [&, i]() -> asio::awaitable<void> {
+            TokenStream stream = engine.generate(greedy(k_prompts[i], 64));
+            try {
+                while (co_await stream.next()) {
+                }
+            } catch (const std::system_error& e) {
+                n_failed += e.code() == EngineErrc::engine_failed;
+            }
+        }, asio::detached);
+    }
+    io.run();
+    io.restart();
+    CHECK(n_failed == 4);
+    const EngineStats st = engine.stats();
+    CHECK(st.failed);
+    CHECK(st.failure.find("injected fatal device fault") != std::string::npos);
+    CHECK(st.n_running == 0);
+    CHECK(st.kv_blocks_free == free_start);
+    // Later requests fail at once, both ways.
+    try {
+        engine.generate(greedy("Once upon a time", 8));
+        CHECK(false);
+    } catch (const EngineError& e) {
+        CHECK(e.code() == EngineErrc::engine_failed);
+    }
+    std::error_code ec;
+    engine.async_complete(greedy("Once upon a time", 8), [&](std::error_code e, Completion) { ec = e; });
+    io.run();
+    CHECK(ec == EngineErrc::engine_failed);
+}
+
 TEST_CASE("completions and tokens run on the handler's associated executor") {
     if (!stories()) return;
     asio::io_context io, other;

@@ -33,9 +33,10 @@ def check(name, cond, detail=""):
 
 
 class Server:
-    def __init__(self, *extra):
+    def __init__(self, *extra, env=None):
         self.proc = subprocess.Popen([COINFER, "serve", "-m", STORIES, "--port", "0", "--device", "cpu", *extra],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env=dict(os.environ, **(env or {})))
         line = self.proc.stdout.readline()
         m = re.match(r"coinfer serve: listening on http://([\d.]+):(\d+)", line)
         if not m:
@@ -768,6 +769,24 @@ def test_drain():
         srv.stop()
 
 
+def test_device_lost():
+    """A lost device (injected at the 4th forward pass): the request in hand and every later one
+    fail with 503 engine_failed at once, and /health answers 503 with the reason."""
+    srv = Server(env={"COINFER_TEST_FAULT_FATAL_AT": "4"})
+    try:
+        status, body = srv.json("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 32})
+        check("device lost: running request", status == 503 and body.get("error", {}).get("code") == "engine_failed",
+              f"{status} {body}")
+        t0 = time.monotonic()
+        status, body = srv.json("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 4})
+        check("device lost: new request refused at once", status == 503 and time.monotonic() - t0 < 2.0
+              and body.get("error", {}).get("code") == "engine_failed", f"{status} {body}")
+        status, _, data = srv.request("GET", "/health")
+        check("device lost: /health 503", status == 503 and b"injected fatal" in data, f"{status} {data!r}")
+    finally:
+        srv.stop()
+
+
 def main():
     if not os.path.exists(STORIES):
         print(f"SKIP: {STORIES} not found (set COINFER_TEST_MODELS)")
@@ -798,6 +817,7 @@ def main():
     test_bad_start()
     test_max_connections()
     test_drain()
+    test_device_lost()
     print(f"{passed} passed, {len(failures)} failed")
     return 1 if failures else 0
 
