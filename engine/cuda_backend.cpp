@@ -972,7 +972,11 @@ void CudaBackend::launch_sample(const Batch& b, std::span<const DeviceSampleRow>
     std::vector<kn::LogprobRowParams> lp;
     for (size_t r = 0; r < n_out; ++r) {
         const DeviceSampleRow& row = rows[r];
-        params[r] = {row.repeat_penalty, row.frequency_penalty, row.presence_penalty};
+        std::vector<int32_t> ids;
+        for (const auto& [id, bias] : row.logit_bias) ids.push_back(id);
+        std::sort(ids.begin(), ids.end());
+        const bool repeats = std::adjacent_find(ids.begin(), ids.end()) != ids.end();
+        params[r] = {row.repeat_penalty, row.frequency_penalty, row.presence_penalty, repeats ? 1 : 0};
         for (const auto& [id, bias] : row.logit_bias) {
             bias_ids.push_back(id);
             bias_vals.push_back(bias);

@@ -39,18 +39,27 @@ greedy_kernel(float* __restrict__ logits, int64_t n_vocab, const GreedyRowParams
               int32_t* __restrict__ out_ids) {
     const int64_t r = blockIdx.x;
     float* l = logits + r * n_vocab;
-    if (threadIdx.x == 0) {
-        if (bias_off)
-            for (int j = bias_off[r]; j < bias_off[r + 1]; ++j) l[bias_ids[j]] = __fadd_rn(l[bias_ids[j]], bias_vals[j]);
-        if (pen_off) {
-            const GreedyRowParams p = params[r];
-            for (int j = pen_off[r]; j < pen_off[r + 1]; ++j) {
-                float v = l[pen_ids[j]];
-                if (p.repeat_penalty != 1.0f) v = v > 0.0f ? __fdiv_rn(v, p.repeat_penalty) : __fmul_rn(v, p.repeat_penalty);
-                const float c = float(pen_counts[j]);
-                v = __fsub_rn(v, __fadd_rn(__fmul_rn(c, p.frequency_penalty), p.presence_penalty));
-                l[pen_ids[j]] = v;
-            }
+    // Bias, then penalties, as the CPU orders them. Each list names a token once (the penalty
+    // counts always; the bias unless the row says otherwise), so the block's threads share the
+    // entries: a request's 300 bias entries cost every step one pass, not 300 dependent ones.
+    if (bias_off) {
+        const int j0 = bias_off[r], j1 = bias_off[r + 1];
+        if (!(params && params[r].bias_repeats)) {
+            for (int j = j0 + int(threadIdx.x); j < j1; j += k_sample_threads)
+                l[bias_ids[j]] = __fadd_rn(l[bias_ids[j]], bias_vals[j]);
+        } else if (threadIdx.x == 0) {
+            for (int j = j0; j < j1; ++j) l[bias_ids[j]] = __fadd_rn(l[bias_ids[j]], bias_vals[j]);
+        }
+        __syncthreads();
+    }
+    if (pen_off) {
+        const GreedyRowParams p = params[r];
+        for (int j = pen_off[r] + int(threadIdx.x); j < pen_off[r + 1]; j += k_sample_threads) {
+            float v = l[pen_ids[j]];
+            if (p.repeat_penalty != 1.0f) v = v > 0.0f ? __fdiv_rn(v, p.repeat_penalty) : __fmul_rn(v, p.repeat_penalty);
+            const float c = float(pen_counts[j]);
+            v = __fsub_rn(v, __fadd_rn(__fmul_rn(c, p.frequency_penalty), p.presence_penalty));
+            l[pen_ids[j]] = v;
         }
     }
     __syncthreads();

@@ -16,6 +16,7 @@ namespace coinfer::kernels {
 // Offsets arrays may be null (no bias / no penalties). The logits are edited in place.
 struct GreedyRowParams {
     float repeat_penalty, frequency_penalty, presence_penalty;
+    int32_t bias_repeats;  // 1: a token id occurs twice in the row's bias list (applied in order, serially)
 };
 void sample_greedy(float* logits, int64_t n_rows, int64_t n_vocab, const GreedyRowParams* params,
                    const int32_t* bias_off, const int32_t* bias_ids, const float* bias_vals, const int32_t* pen_off,

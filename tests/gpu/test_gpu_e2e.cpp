@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <random>
+#include <set>
 
 #include "engine/generate.h"
 #include "engine/sampler.h"
@@ -356,6 +357,20 @@ TEST_CASE("gpu: the on-device sampling chain picks what the CPU Sampler picks, a
             p.presence_penalty = (r % 3 == 2) ? ud(rng) : 0.0f;
             for (int j = 0; j < int(r % 4); ++j) p.logit_bias.push_back({int32_t(rng() % n_vocab), nd(rng)});
             if (r % 9 == 3) p.logit_bias.push_back({int32_t(rng() % n_vocab), -INFINITY});
+            if (r % 10 == 5) {  // one id twice: applied in order
+                const int32_t id = int32_t(rng() % n_vocab);
+                p.logit_bias.push_back({id, nd(rng)});
+                p.logit_bias.push_back({id, nd(rng)});
+            }
+            if (r % 11 == 4) {  // 300 distinct ids, as the server's cap allows
+                std::set<int32_t> seen;
+                for (const auto& [id, b] : p.logit_bias) seen.insert(id);
+                const size_t target = seen.size() + 300;
+                while (seen.size() < target) {
+                    const int32_t id = int32_t(rng() % n_vocab);
+                    if (seen.insert(id).second) p.logit_bias.push_back({id, nd(rng)});
+                }
+            }
             p.n_logprobs = (r % 7 == 0) ? int32_t(1 + rng() % 20) : 0;
         }
         // CPU reference, with penalty windows fed through accept().
@@ -384,7 +399,11 @@ TEST_CASE("gpu: the on-device sampling chain picks what the CPU Sampler picks, a
         std::vector<kn::LogprobRowParams> lp;
         for (int32_t r = 0; r < n_rows; ++r) {
             const SamplingParams& p = params[r];
-            gp[r] = {p.repeat_penalty, p.frequency_penalty, p.presence_penalty};
+            std::vector<int32_t> ids;
+            for (auto [id, b] : p.logit_bias) ids.push_back(id);
+            std::sort(ids.begin(), ids.end());
+            gp[r] = {p.repeat_penalty, p.frequency_penalty, p.presence_penalty,
+                     std::adjacent_find(ids.begin(), ids.end()) != ids.end() ? 1 : 0};
             for (auto [id, b] : p.logit_bias) bias_ids.push_back(id), bias_vals.push_back(b);
             bias_off.push_back(int32_t(bias_ids.size()));
             for (auto [id, c] : pen[r]) pen_ids.push_back(id), pen_counts.push_back(c);
