@@ -5,6 +5,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -29,6 +30,7 @@ struct BackendOptions {
     // Tokens of the largest step the caller will run: cuda reserves their activations before
     // sizing the KV pool (a larger step still runs, allocating then).
     int32_t max_step_tokens = 2048;
+    int32_t cuda_device = 0;  // cuda: the device ordinal (as cudaSetDevice counts)
 };
 
 // One logit row's sampling inputs for on-device sampling (the whole engine/sampler.h chain).
@@ -99,6 +101,19 @@ std::unique_ptr<Backend> make_cpu_backend(std::shared_ptr<const Model> model, co
 std::unique_ptr<Backend> make_cuda_backend(std::shared_ptr<const Model> model, const BackendOptions& opt);
 // True when this build has CUDA and a device is present (device "auto" picks cuda then).
 bool cuda_device_available();
+// CUDA devices present (0 without CUDA in the build).
+int32_t cuda_device_count();
+
+// A device as options and commands name it: "cpu", "cuda" (device 0), "cuda:N", or "auto"
+// (cuda:0 when a device is present, else cpu). Throws coinfer::Error on any other name.
+struct DeviceSpec {
+    bool cuda = false;
+    int32_t index = 0;  // cuda device ordinal
+    std::string name() const;
+};
+DeviceSpec parse_device(std::string_view name);
+// The backend `device` names (parse_device), with opt.cuda_device taken from it.
+std::unique_ptr<Backend> make_backend(std::shared_ptr<const Model> model, std::string_view device, BackendOptions opt);
 
 // Test hook: `inner`, with each forward pass failing with probability `rate` (bad_alloc or an
 // Error, when queued or, for launch/wait backends, after the wait) from a seeded generator, and

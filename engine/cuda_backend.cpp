@@ -239,6 +239,9 @@ private:
     static constexpr int32_t k_graph_max = 256;  // largest graph bucket
     static constexpr int32_t k_graph_buckets = 9;  // 1, 2, 4, ..., 256
 
+    // The calling thread's current device becomes this backend's: every entry point binds it,
+    // since the engine constructs on one thread and steps on another.
+    void bind() const noexcept { (void)cudaSetDevice(opt_.cuda_device); }
     void init();               // the constructor's work; release() undoes what it got done
     void release() noexcept;   // every device resource, whatever was acquired
     void run(const Batch& b);  // leaves logits of b.logit_rows in cur_logits_
@@ -322,6 +325,10 @@ void CudaBackend::init() {
         (void)cudaGetLastError();
         throw_error("cuda: no CUDA device is available (use --device cpu)");
     }
+    if (opt_.cuda_device < 0 || opt_.cuda_device >= n_dev)
+        throw_error("cuda: device cuda:{} is not present (this machine has {} CUDA device{}: cuda:0{})", opt_.cuda_device,
+                    n_dev, n_dev == 1 ? "" : "s", n_dev == 1 ? "" : fmt::format("..cuda:{}", n_dev - 1));
+    CUDA_CHECK(cudaSetDevice(opt_.cuda_device));
     {
         KvType kt = opt_.kv_type;
         if (kt == KV_TYPE_AUTO) {
@@ -465,9 +472,9 @@ void CudaBackend::init() {
         allocs_.push_back(v_cache_.back());
     }
     std::fprintf(stderr,
-                 "cuda: KV cache %s, %lld tokens (%d blocks of %d, %.2f GiB); reserved %.0f MiB for steps of %lld "
+                 "cuda:%d: KV cache %s, %lld tokens (%d blocks of %d, %.2f GiB); reserved %.0f MiB for steps of %lld "
                  "tokens (activations, attention scratch)\n",
-                 kv_type_name(kv_dev_ == kn::KV_DEV_F32    ? KV_TYPE_F32
+                 opt_.cuda_device, kv_type_name(kv_dev_ == kn::KV_DEV_F32    ? KV_TYPE_F32
                               : kv_dev_ == kn::KV_DEV_Q8_0 ? KV_TYPE_Q8_0
                               : kv_dev_ == kn::KV_DEV_FP8  ? KV_TYPE_FP8
                                                            : KV_TYPE_F16)
@@ -478,12 +485,14 @@ void CudaBackend::init() {
 }
 
 CudaBackend::~CudaBackend() {
+    bind();
     if (stream_) cudaStreamSynchronize(stream_);
     if (prof_) prof_->print();
     release();
 }
 
 void CudaBackend::release() noexcept {
+    bind();
     if (stream_) cudaStreamSynchronize(stream_);
     for (void* p : allocs_) cudaFree(p);
     allocs_.clear();
@@ -921,6 +930,7 @@ void CudaBackend::forward(const Batch& b, std::span<float> logits) {
     if (logits.size() != b.logit_rows.size() * static_cast<size_t>(n_vocab))
         throw_error("forward: logits buffer holds {} floats, {} needed", logits.size(), b.logit_rows.size() * n_vocab);
     if (b.n_tokens() == 0) return;
+    bind();
     run(b);
     if (!logits.empty())
         CUDA_CHECK(cudaMemcpyAsync(logits.data(), cur_logits_, logits.size() * sizeof(float), cudaMemcpyDeviceToHost,
@@ -947,6 +957,7 @@ void CudaBackend::forward_sample(const Batch& b, std::span<const DeviceSampleRow
 
 void CudaBackend::launch_sample(const Batch& b, std::span<const DeviceSampleRow> rows) {
     if (pending_.active) throw_error("launch_sample: the previous step was not waited for");
+    bind();
     const size_t n_out = b.logit_rows.size();
     if (rows.size() != n_out)
         throw_error("launch_sample: {} logit rows, {} sampling rows", n_out, rows.size());
@@ -1057,6 +1068,7 @@ void CudaBackend::wait_sample(std::span<DeviceSampleOut> out) {
         throw_error("wait_sample: no step was launched");
     }
     pending_.active = false;
+    bind();
     // A kernel fault surfaces here; a sticky one leaves the device unable to run anything more.
     if (const cudaError_t e = cudaStreamSynchronize(stream_); e != cudaSuccess) {
         if (kn::cuda_error_is_sticky(e))
@@ -1085,13 +1097,13 @@ void CudaBackend::wait_sample(std::span<DeviceSampleOut> out) {
 
 }  // namespace
 
-bool cuda_device_available() {
+int32_t cuda_device_count() {
     int n = 0;
     if (cudaGetDeviceCount(&n) != cudaSuccess) {
         (void)cudaGetLastError();
-        return false;
+        return 0;
     }
-    return n > 0;
+    return n;
 }
 
 std::unique_ptr<Backend> make_cuda_backend(std::shared_ptr<const Model> model, const BackendOptions& opt) {
@@ -1106,12 +1118,38 @@ std::unique_ptr<Backend> make_cuda_backend(std::shared_ptr<const Model> model, c
 
 #else  // no CUDA in this build
 
-bool cuda_device_available() { return false; }
+int32_t cuda_device_count() { return 0; }
 
 std::unique_ptr<Backend> make_cuda_backend(std::shared_ptr<const Model>, const BackendOptions&) {
     throw_error("device 'cuda' is not available: this build has no CUDA backend (use --device cpu)");
 }
 
 #endif
+
+bool cuda_device_available() { return cuda_device_count() > 0; }
+
+std::string DeviceSpec::name() const { return cuda ? fmt::format("cuda:{}", index) : "cpu"; }
+
+DeviceSpec parse_device(std::string_view name) {
+    if (name == "cpu") return {};
+    if (name == "auto") return {cuda_device_available(), 0};
+    if (name == "cuda") return {true, 0};
+    if (name.starts_with("cuda:") && name.size() > 5 && name.size() <= 8) {
+        int32_t n = 0;
+        for (char ch : name.substr(5)) {
+            if (ch < '0' || ch > '9') n = -1;
+            if (n >= 0) n = n * 10 + (ch - '0');
+        }
+        if (n >= 0) return {true, n};
+    }
+    throw_error("device '{}' is not one of cpu, cuda, cuda:N (N = 0, 1, ...) or auto", name);
+}
+
+std::unique_ptr<Backend> make_backend(std::shared_ptr<const Model> model, std::string_view device, BackendOptions opt) {
+    const DeviceSpec d = parse_device(device);
+    if (!d.cuda) return make_cpu_backend(std::move(model), opt);
+    opt.cuda_device = d.index;
+    return make_cuda_backend(std::move(model), opt);
+}
 
 }  // namespace coinfer

@@ -293,7 +293,7 @@ json run_serve(const ServeOptions& so, const Options& o, std::shared_ptr<const M
     eo.backend.kv_type = o.kv_type;
     // The CPU backend's own default pool is small; size it so the concurrency fits (no preemption
     // unless asked for with --kv-blocks). A GPU backend sizes its pool from free memory.
-    const bool on_cpu = o.device == "cpu" || (o.device == "auto" && !cuda_device_available());
+    const bool on_cpu = !parse_device(o.device).cuda;
     if (o.kv_blocks == 0 && on_cpu)
         eo.backend.n_blocks = static_cast<int32_t>(std::min<int64_t>(
             1 << 22, std::min(n_conc, n_requests) * ((pr.second + gr.second + eo.backend.block_size - 1) / eo.backend.block_size) + 1));
@@ -452,8 +452,7 @@ json run_serve(const ServeOptions& so, const Options& o, std::shared_ptr<const M
 // ---- --mode batched ----
 
 std::unique_ptr<Backend> open_backend(const Options& o, std::shared_ptr<const Model> model, const BackendOptions& bo) {
-    if (o.device == "cuda" || (o.device == "auto" && cuda_device_available())) return make_cuda_backend(std::move(model), bo);
-    return make_cpu_backend(std::move(model), bo);
+    return make_backend(std::move(model), o.device, bo);
 }
 
 TokenId argmax(const float* row, int64_t n) {
@@ -485,7 +484,7 @@ json run_batched(const BatchedOptions& bopt, const Options& o, std::shared_ptr<c
     const int32_t blocks_per_seq = static_cast<int32_t>((pp + tg + bo.block_size - 1) / bo.block_size);
     // cuda without --kv-blocks: the pool the device memory allows (batches it cannot hold are
     // reported skipped); cpu: just enough for the largest batch (+1: the warm-up).
-    bo.n_blocks = o.kv_blocks > 0 ? o.kv_blocks : o.device != "cpu" && cuda_device_available() ? 0 : max_b * blocks_per_seq + 1;
+    bo.n_blocks = o.kv_blocks > 0 ? o.kv_blocks : parse_device(o.device).cuda ? 0 : max_b * blocks_per_seq + 1;
     bo.batch_invariant = o.batch_invariant;
     bo.kv_type = o.kv_type;
     auto backend = open_backend(o, model, bo);
@@ -647,7 +646,7 @@ int cmd_bench(Args& args) {
             "common:\n"
             "  -m, --model MODEL          GGUF file or synthetic:SHAPE[:TYPE]\n"
             "  --mode serve|batched       (default serve)\n"
-            "  --device cpu|cuda|auto     (default auto: cuda when present)\n"
+            "  --device cpu|cuda|cuda:N|auto (default auto: cuda:0 when present)\n"
             "  -t, --threads N            CPU threads (default 1)\n"
             "  --kv-blocks N              KV pool blocks (default: just enough on cpu; from free memory on cuda,\n"
             "                             where batched mode skips batches the pool cannot hold)\n"
@@ -687,8 +686,7 @@ int cmd_bench(Args& args) {
     o.temperature = static_cast<float>(args.float_value("--temp").value_or(0.0));
     if (o.model_path.empty()) throw UsageError("missing -m MODEL");
     if (mode != "serve" && mode != "batched") throw UsageError(fmt::format("--mode must be serve or batched, not '{}'", mode));
-    if (o.device != "cpu" && o.device != "cuda" && o.device != "auto")
-        throw UsageError(fmt::format("--device must be cpu, cuda or auto, not '{}'", o.device));
+    (void)parse_device(o.device);  // a clear error before the model loads
     if (threads < 1 || threads > 256) throw UsageError(fmt::format("--threads {} is out of range (1..256)", threads));
     if (kv_blocks < 0 || kv_blocks > (1 << 24)) throw UsageError("--kv-blocks is out of range");
     if (mbt < 1 || mbt > (1 << 20)) throw UsageError("--max-batch-tokens is out of range");

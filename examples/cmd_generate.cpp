@@ -23,17 +23,16 @@ struct BackendChoice {
 
 // --device and --threads, shared by generate and perplexity.
 BackendChoice open_backend(Args& args, std::shared_ptr<const Model> model, int32_t n_ctx_needed) {
-    std::string device = args.value("--device").value_or(cuda_device_available() ? "cuda" : "cpu");
+    const std::string device = args.value("--device").value_or("auto");
     int64_t threads = args.int_value("--threads", "-t").value_or(1);
     if (threads < 1 || threads > 256) throw UsageError(fmt::format("--threads {} is out of range (1..256)", threads));
-    if (device != "cpu" && device != "cuda") throw UsageError(fmt::format("--device must be cpu or cuda, not '{}'", device));
     BackendChoice b;
     b.model = std::move(model);
     BackendOptions opt;
     opt.n_threads = static_cast<int32_t>(threads);
     opt.n_blocks = (n_ctx_needed + opt.block_size - 1) / opt.block_size + 1;
     opt.kv_type = kv_type_option(args);
-    b.backend = device == "cuda" ? make_cuda_backend(b.model, opt) : make_cpu_backend(b.model, opt);
+    b.backend = make_backend(b.model, device, opt);
     b.pool = std::make_unique<KvBlockPool>(b.backend->n_blocks(), b.backend->block_size());
     return b;
 }
@@ -76,7 +75,7 @@ int cmd_generate(Args& args) {
             "  --logprobs N             with --json, the top-N [id, logprob] per generated token\n"
             "  --json                   print one JSON object instead of streaming text\n"
             "  -c, --ctx-size N         context length (default: the model's)\n"
-            "  --device cpu|cuda        backend (default cuda when a GPU is present, else cpu)\n"
+            "  --device cpu|cuda[:N]    backend (default cuda:0 when a GPU is present, else cpu)\n"
             "  -t, --threads N          CPU threads (default 1)\n"
             "  --kv-type T              KV cache: auto (f32 on cpu, f16 on cuda), f32, f16, q8_0, fp8\n");
         return 0;
@@ -174,7 +173,7 @@ int cmd_perplexity(Args& args) {
             "Perplexity of FILE the way llama.cpp computes it: chunks of CTX tokens, each starting\n"
             "with BOS, the second half of each chunk scored. The last line is PPL = value +/- stderr.\n"
             "  -c, --ctx-size CTX       chunk length (default 512)\n"
-            "  --device cpu|cuda        backend (default cuda when a GPU is present, else cpu)\n"
+            "  --device cpu|cuda[:N]    backend (default cuda:0 when a GPU is present, else cpu)\n"
             "  -t, --threads N          CPU threads (default 1)\n"
             "  --kv-type T              KV cache: auto (f32 on cpu, f16 on cuda), f32, f16, q8_0, fp8\n");
         return 0;

@@ -50,7 +50,7 @@ int cmd_serve(Args& args) {
             "                           (default: recognised from the model)\n"
             "  --model-name NAME        the model id clients see (default: the file name)\n"
             "  -c, --ctx-size N         per-request context (default: the model's)\n"
-            "  --device cpu|cuda|auto   backend (default auto)\n"
+            "  --device cpu|cuda[:N]|auto backend (default auto: cuda:0 when present)\n"
             "  -t, --threads N          CPU threads (default 1)\n"
             "  --max-batch-tokens N     tokens per engine step (default 2048)\n"
             "  --max-seqs N             sequences per engine step (default 256)\n"
@@ -99,8 +99,7 @@ int cmd_serve(Args& args) {
 
     EngineOptions eopt;
     eopt.device = args.value("--device").value_or("auto");
-    if (eopt.device != "cpu" && eopt.device != "cuda" && eopt.device != "auto")
-        throw UsageError(fmt::format("--device must be cpu, cuda or auto, not '{}'", eopt.device));
+    (void)parse_device(eopt.device);  // a clear error before the model loads
     eopt.max_waiting = static_cast<int32_t>(int_in(args, "--max-waiting", 1024, 1, 1 << 24));
     eopt.backend.n_threads = static_cast<int32_t>(int_in(args, "--threads", 1, 1, 256, "-t"));
     eopt.backend.n_blocks = static_cast<int32_t>(int_in(args, "--kv-blocks", 0, 0, 1 << 24));

@@ -107,7 +107,7 @@ void print_usage() {
         "  -n, --max-tokens N  tokens per client (default 128)\n"
         "  --temp T            temperature (default 0.8)\n"
         "  --seed S            base seed; client i uses S + i (default 1234)\n"
-        "  --device D          cpu, cuda or auto (default auto)\n"
+        "  --device D          cpu, cuda, cuda:N or auto (default auto)\n"
         "  --threads N         CPU backend threads (default 1)\n"
         "  --plain             no live view: print each story at the end\n"
         "  --duration-s S      stop after S seconds (cancels the clients, exits 0)\n");
@@ -136,8 +136,7 @@ Options parse_options(int argc, char** argv) {
     }
     if (auto s = args.int_value("--seed")) o.seed = static_cast<uint64_t>(*s);
     if (auto d = args.value("--device")) o.device = *d;
-    if (o.device != "cpu" && o.device != "cuda" && o.device != "auto")
-        throw UsageError(fmt::format("--device must be cpu, cuda or auto, not '{}'", o.device));
+    (void)coinfer::parse_device(o.device);
     o.plain = args.flag("--plain");
     if (auto d = args.float_value("--duration-s")) {
         if (!(*d > 0 && *d < 1e7)) throw UsageError(fmt::format("--duration-s {} must be positive", *d));

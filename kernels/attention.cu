@@ -769,15 +769,6 @@ int fa_head_dim(int hd) {
     return 0;
 }
 
-int sm_count() {
-    static const int n = [] {
-        int dev = 0, c = 0;
-        if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&c, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
-            (void)cudaGetLastError();
-        return c > 0 ? c : 132;
-    }();
-    return n;
-}
 
 // Splits per item: the count that finishes soonest when the blocks run in waves of `capacity`
 // (blocks resident at once): time ~ waves x (tiles per split + a block's fixed cost); more

@@ -2,6 +2,7 @@
 // CUDA_CHECK / CUBLAS_CHECK: every runtime and cuBLAS call goes through these. A failure throws
 // std::runtime_error naming file:line, the call and the error name, so the engine can fail the
 // step (or start-up) with a message a person can act on.
+#include <atomic>
 #include <stdexcept>
 #include <string>
 
@@ -35,6 +36,25 @@ inline bool cuda_error_is_sticky(cudaError_t e) {
         default:
             return false;
     }
+}
+
+// Streaming multiprocessors of the calling thread's current device (grids are sized by it;
+// cached per device, since one process may drive several different cards).
+inline int sm_count() {
+    static std::atomic<int> cache[64] = {};  // 0: not read yet (racing readers store the same)
+    int dev = 0, n = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return 132;
+    }
+    if (dev >= 0 && dev < 64 && cache[dev].load(std::memory_order_relaxed) > 0)
+        return cache[dev].load(std::memory_order_relaxed);
+    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n <= 0) {
+        (void)cudaGetLastError();
+        n = 132;
+    }
+    if (dev >= 0 && dev < 64) cache[dev].store(n, std::memory_order_relaxed);
+    return n;
 }
 
 inline void cublas_check(cublasStatus_t s, const char* what, const char* file, int line) {

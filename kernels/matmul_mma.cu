@@ -557,15 +557,6 @@ __global__ void split_sum_kernel(const float* __restrict__ part, int64_t n, int 
     y[i] = s;
 }
 
-int sm_count() {
-    static const int n = [] {
-        int dev = 0, v = 0;
-        CUDA_CHECK(cudaGetDevice(&dev));
-        CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev));
-        return v;
-    }();
-    return n;
-}
 
 struct QmmShape {
     int mw, per, splits;
@@ -614,11 +605,11 @@ bool launch_qmm(const uint8_t* w, int64_t n_in, int64_t n_out, const __half* xh,
     constexpr bool pf = NT == 1 && !HL;
     constexpr int minb = HL ? 4 : NT == 2 ? 3 : 2;
     constexpr auto kernel = qmm_kernel<T, NT, LO, HL, pf, minb, kqh>;
-    static int per_sm = 0;  // resident blocks per SM of this instantiation
-    if (per_sm == 0) {
-        CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, k_threads, 0));
-        per_sm = std::max(per_sm, 1);
-    }
+    static const int per_sm = [] {  // resident blocks per SM of this instantiation
+        int n = 0;
+        CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, k_threads, 0));
+        return std::max(n, 1);
+    }();
     constexpr int RY = (HL ? 4 : 8) * NT;  // activation rows per grid row
     const int64_t n_rt = qpack_row_tiles(n_out), n_kt = qpack_k_tiles(n_in), k_pad = n_kt * 256;
     const int64_t xm_row = n_kt * 2 * min_groups<T>();

@@ -112,15 +112,8 @@ Engine::Engine(asio::any_io_executor ex, EngineOptions opt) : executor_(std::mov
     Impl& im = *impl_;
     im.opt = std::move(opt);
     im.model = im.opt.loaded ? im.opt.loaded : Model::load(im.opt.model);
-    const std::string device = im.opt.device == "auto" ? (cuda_device_available() ? "cuda" : "cpu") : im.opt.device;
-    if (device == "cuda") {
-        im.opt.backend.max_step_tokens = std::max(im.opt.planner.max_batch_tokens, 1);
-        im.backend = make_cuda_backend(im.model, im.opt.backend);
-    } else if (device == "cpu") {
-        im.backend = make_cpu_backend(im.model, im.opt.backend);
-    } else {
-        throw_error("device '{}' is not available in this build (use cpu)", im.opt.device);
-    }
+    im.opt.backend.max_step_tokens = std::max(im.opt.planner.max_batch_tokens, 1);
+    im.backend = make_backend(im.model, im.opt.device, im.opt.backend);
     if (im.opt.fault_rate > 0.0 || im.opt.fault_fatal_at > 0)
         im.backend = make_fault_backend(std::move(im.backend), im.opt.fault_rate, im.opt.fault_seed, im.opt.fault_fatal_at);
     im.pool = std::make_unique<KvBlockPool>(im.backend->n_blocks(), im.backend->block_size());

@@ -45,7 +45,7 @@ struct Request {
 struct EngineOptions {
     std::string model{};                     // GGUF path (ignored when `loaded` is set)
     std::shared_ptr<const Model> loaded{};   // an already loaded model
-    std::string device = "auto";             // "cpu", "cuda" or "auto" (cuda when present)
+    std::string device = "auto";             // "cpu", "cuda", "cuda:N" or "auto" (cuda:0 when present)
     BackendOptions backend{};                // KV pool size, block size, threads
     PlannerOptions planner{};                // token budget, max sequences, prefix cache
     int32_t max_waiting = 4096;              // submitted but not yet started requests

@@ -285,7 +285,7 @@ TEST_CASE("gpu: greedy output is the same alone and inside a batch of 64 mixed r
     auto decode_all = [&](const std::vector<int>& which) {
         std::vector<std::vector<TokenId>> out(which.size());
         std::vector<std::vector<int32_t>> tables;
-        for (int s : which) tables.push_back(*pool.kv_block_alloc_n(8));
+        for (size_t k = 0; k < which.size(); ++k) tables.push_back(*pool.kv_block_alloc_n(8));
         std::vector<TokenId> last(which.size());
         for (int step = 0; step <= n_gen; ++step) {
             Batch b;

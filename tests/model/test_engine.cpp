@@ -693,6 +693,24 @@ TEST_CASE("a next() or cancel() that completes at once never runs the handler in
     CHECK_FALSE(cancel_inline);
 }
 
+TEST_CASE("device names: cpu, cuda, cuda:N and auto; anything else, or a card not there, is refused by name") {
+    CHECK(!parse_device("cpu").cuda);
+    CHECK(parse_device("cuda").cuda);
+    CHECK(parse_device("cuda").index == 0);
+    CHECK(parse_device("cuda:3").index == 3);
+    CHECK(parse_device("cuda:3").name() == "cuda:3");
+    CHECK(parse_device("auto").cuda == cuda_device_available());
+    for (const char* bad : {"gpu", "cuda:", "cuda:x", "cuda:-1", "cuda:1x", "CUDA", "cuda:0123456", ""})
+        CHECK_THROWS_WITH_AS(parse_device(bad), doctest::Contains("is not one of cpu, cuda, cuda:N"), Error);
+    if (!stories()) return;
+    asio::io_context io;
+    EngineOptions o = options(64);
+    o.device = "cuda:" + std::to_string(cuda_device_count());  // one past the last card, or none at all
+    CHECK_THROWS_AS(Engine(io.get_executor(), o), Error);
+    o.device = "tpu";
+    CHECK_THROWS_WITH_AS(Engine(io.get_executor(), o), doctest::Contains("'tpu'"), Error);
+}
+
 TEST_CASE("a request larger than the whole KV pool fails with too_long and is counted as finished") {
     if (!stories()) return;
     asio::io_context io;
