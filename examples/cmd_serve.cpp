@@ -3,9 +3,11 @@
 #include <cstdlib>
 #include <filesystem>
 #include <functional>
+#include <thread>
 
 #include <asio/experimental/as_tuple.hpp>
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include "commands.h"
 #include "server/server.h"
@@ -51,6 +53,10 @@ int cmd_serve(Args& args) {
             "  --model-name NAME        the model id clients see (default: the file name)\n"
             "  -c, --ctx-size N         per-request context (default: the model's)\n"
             "  --device cpu|cuda[:N]|auto backend (default auto: cuda:0 when present)\n"
+            "  --data-parallel N        N engine replicas behind one server, each request routed to\n"
+            "                           the one with the least work in hand (prefix-cache hits\n"
+            "                           counted): on cuda, one per GPU from the --device ordinal\n"
+            "                           on (cuda:0..N-1 by default); on cpu, N engines (default 1)\n"
             "  -t, --threads N          CPU threads (default 1)\n"
             "  --max-batch-tokens N     tokens per engine step (default 2048)\n"
             "  --max-seqs N             sequences per engine step (default 256)\n"
@@ -99,7 +105,12 @@ int cmd_serve(Args& args) {
 
     EngineOptions eopt;
     eopt.device = args.value("--device").value_or("auto");
-    (void)parse_device(eopt.device);  // a clear error before the model loads
+    const DeviceSpec device = parse_device(eopt.device);  // a clear error before the model loads
+    const int64_t n_replicas = int_in(args, "--data-parallel", 1, 1, 64);
+    if (device.cuda && n_replicas > 1 && device.index + n_replicas > cuda_device_count())
+        throw UsageError(fmt::format("--data-parallel {} from {} needs cuda:{}..cuda:{}, and this machine has {} CUDA "
+                                     "device(s)", n_replicas, device.name(), device.index,
+                                     device.index + n_replicas - 1, cuda_device_count()));
     eopt.max_waiting = static_cast<int32_t>(int_in(args, "--max-waiting", 1024, 1, 1 << 24));
     eopt.backend.n_threads = static_cast<int32_t>(int_in(args, "--threads", 1, 1, 256, "-t"));
     eopt.backend.n_blocks = static_cast<int32_t>(int_in(args, "--kv-blocks", 0, 0, 1 << 24));
@@ -126,8 +137,32 @@ int cmd_serve(Args& args) {
     // loop has its own thread. Declared first so that it outlives everything that uses it.
     asio::io_context io;
     server::Metrics metrics;
-    Engine engine(io.get_executor(), eopt);
-    server::Api api(engine, chat, metrics, aopt);
+    std::vector<std::string> devices;
+    for (int64_t i = 0; i < n_replicas; ++i)
+        devices.push_back(device.cuda ? DeviceSpec{true, int32_t(device.index + i)}.name() : "cpu");
+    // Replicas load their devices at once (a large model's upload takes seconds per GPU).
+    std::vector<std::unique_ptr<Engine>> engines(devices.size());
+    {
+        std::vector<std::exception_ptr> errors(devices.size());
+        std::vector<std::thread> loaders;
+        for (size_t i = 0; i < devices.size(); ++i)
+            loaders.emplace_back([&, i] {
+                try {
+                    EngineOptions o = eopt;
+                    o.device = devices[i];
+                    engines[i] = std::make_unique<Engine>(io.get_executor(), std::move(o));
+                } catch (...) {
+                    errors[i] = std::current_exception();
+                }
+            });
+        for (auto& t : loaders) t.join();
+        for (auto& e : errors)
+            if (e) std::rethrow_exception(e);
+    }
+    std::vector<Engine*> replicas;
+    for (auto& e : engines) replicas.push_back(e.get());
+    server::Router router(replicas);
+    server::Api api(router, chat, metrics, aopt);
     server::Server srv(io, api, metrics, sopt);
     srv.start();
 
@@ -173,7 +208,7 @@ int cmd_serve(Args& args) {
                     if (io.stopped()) co_return;  // a second signal
                     fmt::print(stderr, "coinfer serve: drain time over, ending {} connections' requests\n",
                                srv.open_connections());
-                    engine.shutdown();
+                    for (auto& e : engines) e->shutdown();
                     co_await wait_closed(std::chrono::steady_clock::now() + std::chrono::seconds(5));
                 }
                 finish();
@@ -184,8 +219,9 @@ int cmd_serve(Args& args) {
     std::signal(SIGPIPE, SIG_IGN);
 
     fmt::print("coinfer serve: listening on http://{}:{}\n", sopt.host, srv.port());
-    fmt::print(stderr, "coinfer serve: model {} on {}, chat template {}, context {}\n", aopt.model_name,
-               engine.backend_name(), chat.name(), aopt.n_ctx);
+    std::string on = devices.size() == 1 ? engines[0]->backend_name() : fmt::format("{}", fmt::join(devices, ", "));
+    fmt::print(stderr, "coinfer serve: model {} on {}, chat template {}, context {}\n", aopt.model_name, on,
+               chat.name(), aopt.n_ctx);
     std::fflush(stdout);
     io.run();
     return 0;

@@ -270,7 +270,7 @@ struct GenSpec {
 }  // namespace
 
 struct Api::Impl {
-    Engine& engine;
+    Router& router;
     ChatTemplate chat;
     Metrics& metrics;
     ApiOptions opt;
@@ -282,8 +282,8 @@ struct Api::Impl {
     // first, while everything its work touches is still there.
     asio::thread_pool workers;
 
-    Impl(Engine& e, ChatTemplate c, Metrics& m, ApiOptions o)
-        : engine(e),
+    Impl(Router& r, ChatTemplate c, Metrics& m, ApiOptions o)
+        : router(r),
           chat(std::move(c)),
           metrics(m),
           opt(std::move(o)),
@@ -295,7 +295,7 @@ struct Api::Impl {
         return rng();
     }
 
-    const Tokenizer& tokenizer() const { return engine.model().tokenizer(); }
+    const Tokenizer& tokenizer() const { return router.model().tokenizer(); }
     int32_t n_vocab() const { return tokenizer().n_vocab(); }
 
     asio::awaitable<void> handle(Exchange& ex);
@@ -311,8 +311,8 @@ struct Api::Impl {
 
 };
 
-Api::Api(Engine& engine, ChatTemplate chat, Metrics& metrics, ApiOptions opt)
-    : impl_(std::make_shared<Impl>(engine, std::move(chat), metrics, std::move(opt))) {}
+Api::Api(Router& router, ChatTemplate chat, Metrics& metrics, ApiOptions opt)
+    : impl_(std::make_shared<Impl>(router, std::move(chat), metrics, std::move(opt))) {}
 
 asio::awaitable<void> Api::handle(Exchange& ex) { return impl_->handle(ex); }
 
@@ -431,6 +431,8 @@ GenSpec Api::Impl::parse_completion(const json& body) {
         g.n_logprobs = static_cast<int32_t>(*lp);
         g.req.sampling.n_logprobs = std::max<int32_t>(1, g.n_logprobs);  // the chosen token's needs n >= 1
     }
+    // Tokenized here, on a worker, as the engine would (the router reads the ids' prefix).
+    if (g.req.prompt_ids.empty()) g.req.prompt_ids = tokenizer().encode(g.req.prompt, g.req.add_special, g.req.parse_special);
     return g;
 }
 
@@ -518,9 +520,12 @@ std::string whole_response(const std::string& id, bool chat, int64_t created, co
 
 asio::awaitable<void> Api::Impl::generate(Exchange& ex, GenSpec& g) {
     std::optional<TokenStream> stream;
+    Router::Lease lease;  // counts this request's tokens on its replica until it ends
     std::optional<ApiError> refused;
     try {
-        stream.emplace(engine.generate(g.req));
+        Router::Routed routed = router.generate(g.req);
+        stream.emplace(std::move(routed.stream));
+        lease = std::move(routed.lease);
     } catch (const EngineError& e) {
         if (e.code() == EngineErrc::queue_full) refused = ApiError{429, e.what(), "", "queue_full"};
         else if (e.code() == EngineErrc::too_long) refused = ApiError{400, e.what(), "", "context_length_exceeded"};
@@ -612,6 +617,7 @@ asio::awaitable<void> Api::Impl::generate(Exchange& ex, GenSpec& g) {
             break;
         }
         if (!ev) break;
+        lease.on_token();
         const auto now = Clock::now();
         const double dt = std::chrono::duration<double>(now - last).count();
         if (n_gen == 0) metrics.observe_ttft(dt);
@@ -775,19 +781,33 @@ std::variant<Reply, GenSpec> Api::Impl::route(const http::Request& r) {
             return reply;
         }
         if (path == "/health") {
-            const EngineStats st = engine.stats();
-            if (st.failed) {
-                // The device is lost: a load balancer should take this server out.
+            const std::vector<EngineStats> st = router.stats();
+            const size_t n_failed = size_t(std::count_if(st.begin(), st.end(), [](const auto& s) { return s.failed; }));
+            json j = json::object();
+            if (n_failed == st.size()) {
+                // Every device is lost: a load balancer should take this server out.
                 reply.status = 503;
-                reply.body = dump(json{{"status", "error"}, {"error", st.failure}});
+                j["status"] = "error";
+                j["error"] = st.front().failure;
             } else {
-                reply.body = R"({"status":"ok"})";
+                j["status"] = "ok";
             }
+            if (st.size() > 1) {
+                // Data parallel: each replica's state; a lost one gets no more requests.
+                json reps = json::array();
+                for (const EngineStats& s : st) {
+                    json r = {{"status", s.failed ? "error" : "ok"}};
+                    if (s.failed) r["error"] = s.failure;
+                    reps.push_back(std::move(r));
+                }
+                j["replicas"] = std::move(reps);
+            }
+            reply.body = dump(j);
             return reply;
         }
         if (path == "/metrics") {
             reply.content_type = "text/plain; version=0.0.4; charset=utf-8";
-            reply.body = metrics.render(engine.stats());
+            reply.body = metrics.render(router.stats());
             return reply;
         }
         if (path == "/v1/models") {

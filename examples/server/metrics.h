@@ -3,6 +3,7 @@
 // thread, so nothing here locks. render() appends the engine's own gauges and counters.
 #include <cstdint>
 #include <map>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -39,8 +40,8 @@ public:
     void connection_opened() { ++n_connections_; ++n_connections_total_; }
     void connection_closed() { --n_connections_; }
 
-    // The Prometheus text exposition (format 0.0.4).
-    std::string render(const EngineStats& stats) const;
+    // The Prometheus text exposition (format 0.0.4), with each engine replica's gauges.
+    std::string render(std::span<const EngineStats> stats) const;
 
 private:
     std::map<int, uint64_t> n_responses_;

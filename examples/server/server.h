@@ -22,6 +22,7 @@
 #include "http.h"
 #include "io/chat_template.h"
 #include "metrics.h"
+#include "router.h"
 #include "scheduler/engine.h"
 
 namespace coinfer::server {
@@ -68,7 +69,8 @@ public:
 
 class Api {
 public:
-    Api(Engine& engine, ChatTemplate chat, Metrics& metrics, ApiOptions opt);
+    // Requests go to the router's replicas (one engine, or data parallel replicas).
+    Api(Router& router, ChatTemplate chat, Metrics& metrics, ApiOptions opt);
     asio::awaitable<void> handle(Exchange& ex);
 
     struct Impl;

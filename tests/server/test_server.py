@@ -769,6 +769,46 @@ def test_drain():
         srv.stop()
 
 
+def test_data_parallel():
+    """Two engine replicas behind one server (CPU engines here; one per GPU with --device cuda):
+    the work spreads over both, outputs are those of one engine, a prompt sent again returns to
+    the replica holding its prefix, and /metrics and /health speak per replica."""
+    srv = Server("--data-parallel", "2")
+    try:
+        st, _, body = srv.request("GET", "/health")
+        h = json.loads(body)
+        check("data parallel: /health lists both replicas", st == 200 and h.get("status") == "ok"
+              and [r.get("status") for r in h.get("replicas", [])] == ["ok", "ok"], body)
+        m = srv.metrics()
+        check("data parallel: gauges labelled by replica", 'coinfer_kv_blocks_total{replica="0"}' in m
+              and 'coinfer_kv_blocks_total{replica="1"}' in m and "coinfer_kv_blocks_total" not in m, sorted(m)[:8])
+        test_concurrent_streams(srv, n=64)
+        m = srv.metrics()
+        gen = [m.get(f'coinfer_engine_generated_tokens_total{{replica="{i}"}}', 0) for i in range(2)]
+        check("data parallel: both replicas generated", all(g > 0 for g in gen), gen)
+        # A 300-token prompt, sent 6 times one after another: one replica computes it once and
+        # finds it cached five times; the other never sees it.
+        prompt = " ".join(["Once upon a time there was a little dog named Max who liked to run."] * 18)
+
+        def hits():
+            m = srv.metrics()
+            return [m[f'coinfer_prefix_cache_hit_tokens_total{{replica="{i}"}}'] for i in range(2)]
+        before = hits()
+        for _ in range(6):
+            st, r = srv.json("/v1/completions", {"prompt": prompt, "max_tokens": 2, "temperature": 0})
+            check("data parallel: repeated prompt", st == 200, r)
+        gained = [a - b for a, b in zip(hits(), before)]
+        check("data parallel: a repeated prompt returns to the replica holding its prefix",
+              sorted(gained)[0] == 0 and sorted(gained)[1] >= 5 * 256, gained)
+    finally:
+        srv.stop()
+    check("data parallel: clean exit", srv.proc.returncode == 0, srv.proc.stderr.read()[-2000:])
+    r = subprocess.run([COINFER, "serve", "-m", STORIES, "--port", "0", "--device", "cuda:0", "--data-parallel", "64"],
+                       capture_output=True, text=True, timeout=30)
+    check("data parallel: more replicas than GPUs is refused at start", r.returncode != 0 and "--data-parallel 64" in
+          r.stderr and "cuda:0..cuda:63" in r.stderr, r.stderr)
+
+
 def test_device_lost():
     """A lost device (injected at the 4th forward pass): the request in hand and every later one
     fail with 503 engine_failed at once, and /health answers 503 with the reason."""
@@ -818,6 +858,7 @@ def main():
     test_max_connections()
     test_drain()
     test_device_lost()
+    test_data_parallel()
     print(f"{passed} passed, {len(failures)} failed")
     return 1 if failures else 0
 
