@@ -23,6 +23,9 @@ const std::vector<SyntheticShape>& synthetic_shapes() {
         {"llama2-7b", 4096, 32, 32, 32, 11008, 32000, 4096, 10000.0f},
         {"llama3-8b", 4096, 32, 32, 8, 14336, 32000, 4096, 500000.0f},
         {"llama3.1-8b", 4096, 32, 32, 8, 14336, 32000, 131072, 500000.0f, 8.0f},
+        // The shapes tensor parallelism exists for (a 32k vocab, as every synthetic shape here).
+        {"llama2-70b", 8192, 80, 64, 8, 28672, 32000, 4096, 10000.0f},
+        {"llama3-70b", 8192, 80, 64, 8, 28672, 32000, 8192, 500000.0f},
     };
     return shapes;
 }

@@ -38,7 +38,8 @@ struct SyntheticShape {
     float llama31_rope_factor = 0.0f;
 };
 
-// tiny, tinyllama-1.1b, llama2-7b, llama3-8b, llama3.1-8b (131,072-token context).
+// tiny, tinyllama-1.1b, llama2-7b, llama3-8b, llama3.1-8b (131,072-token context), llama2-70b,
+// llama3-70b.
 const std::vector<SyntheticShape>& synthetic_shapes();
 // The shape of that name; Error listing the known ones otherwise.
 const SyntheticShape& synthetic_shape(std::string_view name);

@@ -22,6 +22,9 @@
 
 namespace coinfer::cli {
 
+// bench_allreduce.cpp: --mode allreduce; the table goes to `out`.
+nlohmann::json bench_allreduce(Args& args, FILE* out);
+
 namespace {
 
 using Clock = std::chrono::steady_clock;
@@ -639,7 +642,8 @@ json run_batched(const BatchedOptions& bopt, const Options& o, std::shared_ptr<c
 int cmd_bench(Args& args) {
     if (args.help()) {
         fmt::print(
-            "usage: coinfer bench -m MODEL [--mode serve|batched] [options]\n\n"
+            "usage: coinfer bench -m MODEL [--mode serve|batched] [options]\n"
+            "       coinfer bench --mode allreduce [--tp N] [--json]\n\n"
             "Measures throughput and latency. MODEL is a GGUF file or synthetic:SHAPE[:TYPE]\n"
             "(random weights built in memory; shapes tiny, tinyllama-1.1b, llama2-7b, llama3-8b;\n"
             "types f16 (default), bf16, q8_0, q4_0, q4_k, q5_k, q6_k, q4_k_m, q5_k_m).\n\n"
@@ -666,7 +670,10 @@ int cmd_bench(Args& args) {
             "  --temp T                   sampling temperature (default 0: greedy)\n\n"
             "--mode batched (straight on the backend, like llama-batched-bench):\n"
             "  --batches LIST             sequence counts (default 1,16,64,128,256)\n"
-            "  --pp N, --tg N             prompt tokens and generated tokens per sequence (default 128, 128)\n");
+            "  --pp N, --tg N             prompt tokens and generated tokens per sequence (default 128, 128)\n\n"
+            "--mode allreduce (no model: tensor parallelism's collective on this host's GPUs):\n"
+            "  --tp N                     GPUs cuda:0..N-1 (default all); F16 sums of 8 KiB..64 MiB, peer\n"
+            "                             kernel and NCCL, eager and from a CUDA graph, checked\n");
         return 0;
     }
     Options o;
@@ -676,6 +683,12 @@ int cmd_bench(Args& args) {
     auto json_inline = args.value("--json");
     o.model_path = args.value("--model", "-m").value_or("");
     const std::string mode = args.value("--mode").value_or("serve");
+    if (mode == "allreduce") {  // no model: the collective alone
+        const bool to_stdout = json_flag || json_inline;
+        const json j = bench_allreduce(args, to_stdout ? stderr : stdout);
+        if (to_stdout) fmt::print("{}\n", j.dump(2));
+        return 0;
+    }
     o.device = args.value("--device").value_or("auto");
     const int64_t threads = args.int_value("--threads", "-t").value_or(1);
     const int64_t kv_blocks = args.int_value("--kv-blocks").value_or(0);
