@@ -13,6 +13,7 @@
 #include <fmt/format.h>
 
 #include "engine/generate.h"
+#include "engine/grammar.h"
 
 namespace coinfer {
 
@@ -31,6 +32,7 @@ struct Active {
     std::shared_ptr<detail::RequestState> state;
     Request req;
     Sampler sampler;
+    std::unique_ptr<GrammarMatcher> grammar;  // constrained output: what may come next
     StreamDecoder decoder;
     StopMatcher stop;
     Clock::time_point submitted;
@@ -73,6 +75,18 @@ struct Engine::Impl {
     std::thread thread;
 
     std::unordered_map<SeqId, std::unique_ptr<Active>> active;  // step-loop thread only
+    // The vocabulary's byte trie, built for the first constrained request.
+    std::once_flag trie_once;
+    std::shared_ptr<const TokenTrie> trie;
+    std::vector<uint32_t> mask;  // step loop: the allowed-token bits of the row at hand
+
+    // The allowed tokens of a constrained row, left in `mask` (EOS only when the request may
+    // stop there).
+    void grammar_mask(Active& a) {
+        a.grammar->fill_mask(mask);
+        if (a.req.ignore_eos)
+            for (TokenId id : trie->eog_ids()) mask[size_t(id) >> 5] &= ~(1u << (id & 31));
+    }
     std::unique_ptr<InFlight> in_flight;                        // step-loop thread only
 
     mutable std::mutex stats_mutex;
@@ -187,6 +201,10 @@ Engine::Prepared Engine::prepare(Impl& im, const Request& req) {
                           fmt::format("the prompt has {} tokens, which does not fit the context of {} tokens",
                                       p.prompt_ids.size(), im.n_ctx));
     validate_generate(model, p.prompt_ids.size(), g);  // empty prompt, context, sampling values
+    if (!req.grammar.empty() && !req.json_schema.empty()) throw_error("give a grammar or a JSON schema, not both");
+    if (!req.grammar.empty()) p.grammar = Grammar::parse(req.grammar);
+    if (!req.json_schema.empty()) p.grammar = Grammar::from_json_schema(req.json_schema);
+    if (p.grammar) std::call_once(im.trie_once, [&] { im.trie = std::make_shared<TokenTrie>(model.tokenizer()); });
     if (static_cast<int64_t>(p.prompt_ids.size()) + req.max_tokens > im.n_ctx)
         throw_error("prompt ({} tokens) plus max_tokens ({}) exceeds the context of {} tokens",
                     p.prompt_ids.size(), req.max_tokens, im.n_ctx);
@@ -243,8 +261,9 @@ TokenStream Engine::generate(const Request& req) {
 void Engine::Impl::admit(std::unique_ptr<Prepared> p) {
     const SeqId id = p->state->id();
     const Request& req = p->request;
-    auto a = std::make_unique<Active>(Active{p->state, req, Sampler(req.sampling), StreamDecoder(model->tokenizer()),
+    auto a = std::make_unique<Active>(Active{p->state, req, Sampler(req.sampling), nullptr, StreamDecoder(model->tokenizer()),
                                              StopMatcher(req.stop), p->submitted, false});
+    if (p->grammar) a->grammar = std::make_unique<GrammarMatcher>(p->grammar, trie);
     // Repetition penalties look at the prompt too, as llama.cpp's do.
     for (TokenId t : p->prompt_ids) a->sampler.accept(t);
     planner->add(id, std::move(p->prompt_ids));
@@ -459,6 +478,12 @@ std::unique_ptr<InFlight> Engine::Impl::launch(const StepPlan& plan, const std::
             r.seed = sp.seed;
             r.token_index = token_index;
             r.n_logprobs = sp.n_logprobs;
+            if (a.grammar) {
+                // The device sampler bans what the grammar does not allow.
+                grammar_mask(a);
+                for (TokenId id = 0; id < model->config().n_vocab; ++id)
+                    if (!(mask[size_t(id) >> 5] >> (id & 31) & 1)) r.logit_bias.push_back({id, -INFINITY});
+            }
             f->rows.push_back(std::move(r));
         }
         // The CPU path runs the forward pass and the host sampler in wait().
@@ -508,6 +533,11 @@ std::vector<TokenEvent> Engine::Impl::wait(InFlight& f) {
         if (n_lp > 0) ev.top_logprobs = top_logprobs(l, static_cast<int32_t>(n_vocab), n_lp);
         std::vector<float> raw;
         if (n_lp > 0) raw.assign(l, l + n_vocab);
+        if (a.grammar) {
+            grammar_mask(a);
+            for (int64_t t = 0; t < n_vocab; ++t)
+                if (!(mask[size_t(t) >> 5] >> (t & 31) & 1)) l[t] = -INFINITY;
+        }
         TokenId id = -1;
         try {
             id = a.sampler.sample(std::span<float>(l, static_cast<size_t>(n_vocab)), f.token_index[r]);
@@ -543,7 +573,14 @@ std::vector<Sampled> Engine::Impl::complete(InFlight& f, std::unordered_set<SeqI
             ending.insert(id);
         } else {
             a.sampler.accept(d.ev.id);
+            if (a.grammar && !tok.is_eog(d.ev.id) && !a.grammar->accept_token(d.ev.id)) {
+                d.ev.id = -2;  // cannot happen: the row was masked; ends in deliver()
+                ending.insert(id);
+                done.push_back(std::move(d));
+                continue;
+            }
             if (!a.req.ignore_eos && tok.is_eog(d.ev.id)) d.end = FINISH_REASON_STOP;
+            else if (a.grammar && a.grammar->must_end()) d.end = FINISH_REASON_STOP;  // the grammar is complete
             else if (a.length_reached) d.end = FINISH_REASON_LENGTH;
             if (d.end != FINISH_REASON_NONE) ending.insert(id);
         }
@@ -560,7 +597,8 @@ void Engine::Impl::deliver(std::vector<Sampled>& done) {
         Active& a = *it->second;
         TokenEvent& ev = d.ev;
         if (ev.id < 0) {
-            finish(d.id, FINISH_REASON_ERROR, EngineErrc::invalid_request, "no token can be sampled (all banned)");
+            if (ev.id == -2) finish(d.id, FINISH_REASON_ERROR, EngineErrc::backend_failed, "a sampled token broke the grammar");
+            else finish(d.id, FINISH_REASON_ERROR, EngineErrc::invalid_request, "no token can be sampled (all banned)");
             continue;
         }
         ++n_gen;

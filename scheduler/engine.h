@@ -40,6 +40,12 @@ struct Request {
     bool ignore_eos = false;
     bool add_special = true;          // BOS/EOS as the model's tokenizer says
     bool parse_special = true;        // special tokens written in the prompt are recognised
+    // Constrained output (at most one of the two): a GBNF grammar as llama.cpp writes it, or a
+    // JSON Schema (as JSON text). Every token is then one the grammar allows; the request ends
+    // with FINISH_REASON_STOP once the grammar can take nothing more. A bad grammar or schema
+    // throws coinfer::Error from the initiating call, with the position and the reason.
+    std::string grammar{};
+    std::string json_schema{};
 };
 
 struct EngineOptions {
@@ -81,6 +87,8 @@ struct EngineStats {
     bool failed = false;
     std::string failure;            // why, when failed
 };
+
+class Grammar;
 
 class EngineError : public Error {
 public:
@@ -195,6 +203,7 @@ public:
         std::shared_ptr<detail::RequestState> state;
         std::vector<TokenId> prompt_ids;
         Request request;
+        std::shared_ptr<const Grammar> grammar;  // compiled from request.grammar / json_schema
         std::chrono::steady_clock::time_point submitted;
     };
 
