@@ -531,13 +531,13 @@ private:
 std::shared_ptr<const Grammar> Grammar::parse(std::string_view gbnf) { return Parser(gbnf).run(); }
 
 std::shared_ptr<const Grammar> Grammar::json_object() {
-    static const std::shared_ptr<const Grammar> g = parse(R"(root ::= object
+    static const std::shared_ptr<const Grammar> g = parse(R"(root ::= ws object
 value ::= object | array | string | number | ("true" | "false" | "null") ws
 object ::= "{" ws ( string ":" ws value ("," ws string ":" ws value)* )? "}" ws
 array ::= "[" ws ( value ("," ws value)* )? "]" ws
-string ::= "\"" ( [^"\\\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4}) )* "\"" ws
-number ::= "-"? ([0-9] | [1-9] [0-9]{1,15}) ("." [0-9]{1,16})? ([eE] [-+]? [0-9]{1,3})? ws
-ws ::= [ \t\n]{0,8}
+string ::= "\"" ( [^"\\\x00-\x1F] | "\\" (["\\/bfnrt] | "u" ([0-9a-cA-Ce-fE-F] [0-9a-fA-F]{3} | [dD] [0-7] [0-9a-fA-F]{2})) )* "\"" ws
+number ::= "-"? ([0-9] | [1-9] [0-9]{1,15}) ("." [0-9]{1,16})? ([eE] [-+]? [0-9]{1,2})? ws
+ws ::= (" " | "\n" [ \t]{0,16})?
 )");
     return g;
 }
@@ -603,32 +603,43 @@ void TokenTrie::build() {
 
 // ---- the matcher ----
 
-GrammarMatcher::GrammarMatcher(std::shared_ptr<const Grammar> grammar, std::shared_ptr<const TokenTrie> trie)
+GrammarContext::GrammarContext(std::shared_ptr<const Grammar> grammar, std::shared_ptr<const TokenTrie> trie)
     : g_(std::move(grammar)), trie_(std::move(trie)) {
     scratch_.resize(trie_->max_depth() + 1);
+    bytes_.resize(g_->elems.size(), {0, 0, 0, 0});
+    for (size_t i = 0; i < g_->elems.size(); ++i) {
+        const Grammar::Elem& e = g_->elems[i];
+        if (e.type != Grammar::ELEM_RANGE) continue;
+        for (unsigned b = e.lo; b <= e.hi; ++b) bytes_[i][b >> 6] |= uint64_t(1) << (b & 63);
+    }
     nodes_.push_back({-1, -1});  // node 0: the empty stack
     seen_.push_back(0);
+    follow_.emplace_back();
+    follow_done_.push_back(1);
     ++generation_;
-    for (int32_t alt : g_->rule_alts[size_t(g_->root)]) expand(alt, 0, state_);
-    std::sort(state_.begin(), state_.end());
+    for (int32_t alt : g_->rule_alts[size_t(g_->root)]) expand(alt, 0, initial_);
+    std::sort(initial_.begin(), initial_.end());
 }
 
-int32_t GrammarMatcher::node(int32_t pos, int32_t parent) {
+int32_t GrammarContext::node(int32_t pos, int32_t parent) {
     const uint64_t key = (uint64_t(uint32_t(pos)) << 32) | uint32_t(parent);
     auto [it, fresh] = node_ids_.try_emplace(key, int32_t(nodes_.size()));
     if (fresh) {
         nodes_.push_back({pos, parent});
         seen_.push_back(0);
+        follow_.emplace_back();
+        follow_done_.push_back(0);
     }
     return it->second;
 }
 
-void GrammarMatcher::expand(int32_t pos0, int32_t parent0, State& out) {
+void GrammarContext::expand(int32_t pos0, int32_t parent0, State& out) {
     // Iterative (a chain of references may be long): (position, the stack below it).
-    std::vector<std::pair<int32_t, int32_t>> work{{pos0, parent0}};
-    while (!work.empty()) {
-        auto [pos, parent] = work.back();
-        work.pop_back();
+    work_.clear();
+    work_.push_back({pos0, parent0});
+    while (!work_.empty()) {
+        auto [pos, parent] = work_.back();
+        work_.pop_back();
         const Grammar::Elem& e = g_->elems[size_t(pos)];
         if (e.type == Grammar::ELEM_END) {
             if (parent == 0) {
@@ -637,7 +648,7 @@ void GrammarMatcher::expand(int32_t pos0, int32_t parent0, State& out) {
                     out.push_back(0);
                 }
             } else {
-                work.push_back({nodes_[size_t(parent)].pos, nodes_[size_t(parent)].parent});
+                work_.push_back({nodes_[size_t(parent)].pos, nodes_[size_t(parent)].parent});
             }
             continue;
         }
@@ -652,26 +663,88 @@ void GrammarMatcher::expand(int32_t pos0, int32_t parent0, State& out) {
         // it ends its alternative, so tail loops keep the stack's depth).
         const int32_t cont = g_->elems[size_t(pos) + 1].type == Grammar::ELEM_END ? parent : node(pos + 1, parent);
         const auto& alts = g_->rule_alts[size_t(e.rule)];
-        for (auto it = alts.rbegin(); it != alts.rend(); ++it) work.push_back({*it, cont});
+        for (auto it = alts.rbegin(); it != alts.rend(); ++it) work_.push_back({*it, cont});
     }
 }
 
-void GrammarMatcher::advance(const State& from, uint8_t byte, State& out) {
+const GrammarContext::State& GrammarContext::follow(int32_t id) {
+    if (!follow_done_[size_t(id)]) {
+        State out;
+        ++generation_;
+        const Node n = nodes_[size_t(id)];
+        expand(n.pos + 1, n.parent, out);
+        // node() may have grown the tables: index again.
+        follow_[size_t(id)] = std::move(out);
+        follow_done_[size_t(id)] = 1;
+    }
+    return follow_[size_t(id)];
+}
+
+void GrammarContext::advance(const State& from, uint8_t byte, State& out) {
     out.clear();
+    // Successors first (computing one bumps the generation), then their union.
+    for (int32_t id : from)
+        if (id != 0 && (bytes_[size_t(nodes_[size_t(id)].pos)][byte >> 6] >> (byte & 63) & 1)) (void)follow(id);
     ++generation_;
     for (int32_t id : from) {
-        if (id == 0) continue;
-        const Node n = nodes_[size_t(id)];
-        const Grammar::Elem& e = g_->elems[size_t(n.pos)];
-        if (byte >= e.lo && byte <= e.hi) expand(n.pos + 1, n.parent, out);
+        if (id == 0 || !(bytes_[size_t(nodes_[size_t(id)].pos)][byte >> 6] >> (byte & 63) & 1)) continue;
+        for (int32_t next : follow_[size_t(id)]) {
+            if (seen_[size_t(next)] == generation_) continue;
+            seen_[size_t(next)] = generation_;
+            out.push_back(next);
+        }
     }
-    std::sort(out.begin(), out.end());
+    if (out.size() > 1) std::sort(out.begin(), out.end());
 }
 
+void GrammarContext::walk(uint32_t trie_node, const State& state, size_t depth, std::vector<uint32_t>& words) {
+    // The bytes any stack can take next: children outside them are skipped unvisited.
+    uint64_t may[4] = {0, 0, 0, 0};
+    for (int32_t id : state) {
+        if (id == 0) continue;
+        const auto& b = bytes_[size_t(nodes_[size_t(id)].pos)];
+        for (int k = 0; k < 4; ++k) may[k] |= b[size_t(k)];
+    }
+    const TokenTrie::Node& tn = trie_->nodes[trie_node];
+    for (uint32_t c = tn.first_child; c < tn.first_child + tn.n_children; ++c) {
+        const TokenTrie::Node& kid = trie_->nodes[c];
+        if (!(may[kid.byte >> 6] >> (kid.byte & 63) & 1)) continue;
+        State& next = scratch_[depth];
+        advance(state, kid.byte, next);
+        if (next.empty()) continue;
+        for (uint32_t t = kid.first_token; t < kid.first_token + kid.n_tokens; ++t) {
+            const TokenId id = trie_->ids[t];
+            words[size_t(id) >> 5] |= 1u << (id & 31);
+        }
+        // The child's walk uses deeper scratch states only (all allocated up front).
+        if (kid.n_children > 0) walk(c, next, depth + 1, words);
+    }
+}
+
+void GrammarContext::fill_mask(const State& state, std::vector<uint32_t>& words) {
+    const size_t n_words = (size_t(trie_->n_vocab()) + 31) / 32;
+    std::string key(reinterpret_cast<const char*>(state.data()), state.size() * sizeof(int32_t));
+    if (auto it = mask_cache_.find(key); it != mask_cache_.end()) {
+        words = it->second;
+        return;
+    }
+    words.assign(n_words, 0);
+    walk(0, state, 0, words);
+    if (!state.empty() && state[0] == 0)
+        for (TokenId id : trie_->eog_ids()) words[size_t(id) >> 5] |= 1u << (id & 31);
+    if (mask_cache_.size() >= 4096) mask_cache_.clear();
+    mask_cache_.emplace(std::move(key), words);
+}
+
+GrammarMatcher::GrammarMatcher(std::shared_ptr<GrammarContext> ctx) : ctx_(std::move(ctx)), state_(ctx_->initial_) {}
+
+GrammarMatcher::GrammarMatcher(std::shared_ptr<const Grammar> grammar, std::shared_ptr<const TokenTrie> trie)
+    : GrammarMatcher(std::make_shared<GrammarContext>(std::move(grammar), std::move(trie))) {}
+
 bool GrammarMatcher::accept_bytes(std::string_view bytes) {
-    State cur = state_, next;
+    GrammarContext::State cur = state_, next;
     for (unsigned char c : bytes) {
-        advance(cur, c, next);
+        ctx_->advance(cur, c, next);
         if (next.empty()) return false;
         cur.swap(next);
     }
@@ -680,15 +753,16 @@ bool GrammarMatcher::accept_bytes(std::string_view bytes) {
 }
 
 bool GrammarMatcher::allows(TokenId id) {
-    if (id < 0 || id >= trie_->n_vocab()) return false;
-    const std::string& p = trie_->pieces[size_t(id)];
+    const TokenTrie& trie = ctx_->trie();
+    if (id < 0 || id >= trie.n_vocab()) return false;
+    const std::string& p = trie.pieces[size_t(id)];
     if (p.empty()) {
-        const auto& eog = trie_->eog_ids();
+        const auto& eog = trie.eog_ids();
         return can_end() && std::find(eog.begin(), eog.end(), id) != eog.end();
     }
-    State cur = state_, next;
+    GrammarContext::State cur = state_, next;
     for (unsigned char c : p) {
-        advance(cur, c, next);
+        ctx_->advance(cur, c, next);
         if (next.empty()) return false;
         cur.swap(next);
     }
@@ -697,7 +771,7 @@ bool GrammarMatcher::allows(TokenId id) {
 
 bool GrammarMatcher::accept_token(TokenId id) {
     if (!allows(id)) return false;
-    const std::string& p = trie_->pieces[size_t(id)];
+    const std::string& p = ctx_->trie().pieces[size_t(id)];
     if (p.empty()) {
         state_ = {0};  // end of generation
         return true;
@@ -707,43 +781,5 @@ bool GrammarMatcher::accept_token(TokenId id) {
 
 bool GrammarMatcher::can_end() const { return !state_.empty() && state_[0] == 0; }
 bool GrammarMatcher::must_end() const { return state_.size() == 1 && state_[0] == 0; }
-
-void GrammarMatcher::walk(uint32_t trie_node, const State& state, size_t depth, std::vector<uint32_t>& words) {
-    // The bytes any stack can take next: children outside them are skipped unvisited.
-    uint64_t may[4] = {0, 0, 0, 0};
-    for (int32_t id : state) {
-        if (id == 0) continue;
-        const Grammar::Elem& e = g_->elems[size_t(nodes_[size_t(id)].pos)];
-        for (unsigned b = e.lo; b <= e.hi; ++b) may[b >> 6] |= uint64_t(1) << (b & 63);
-    }
-    const TokenTrie::Node& tn = trie_->nodes[trie_node];
-    for (uint32_t c = tn.first_child; c < tn.first_child + tn.n_children; ++c) {
-        const TokenTrie::Node& kid = trie_->nodes[c];
-        if (!(may[kid.byte >> 6] >> (kid.byte & 63) & 1)) continue;
-        advance(state, kid.byte, scratch_[depth]);
-        if (scratch_[depth].empty()) continue;
-        for (uint32_t t = kid.first_token; t < kid.first_token + kid.n_tokens; ++t) {
-            const TokenId id = trie_->ids[t];
-            words[size_t(id) >> 5] |= 1u << (id & 31);
-        }
-        // The child's walk uses deeper scratch states only (all allocated up front).
-        if (kid.n_children > 0) walk(c, scratch_[depth], depth + 1, words);
-    }
-}
-
-void GrammarMatcher::fill_mask(std::vector<uint32_t>& words) {
-    const size_t n_words = (size_t(trie_->n_vocab()) + 31) / 32;
-    std::string key(reinterpret_cast<const char*>(state_.data()), state_.size() * sizeof(int32_t));
-    if (auto it = mask_cache_.find(key); it != mask_cache_.end()) {
-        words = it->second;
-        return;
-    }
-    words.assign(n_words, 0);
-    walk(0, state_, 0, words);
-    if (can_end())
-        for (TokenId id : trie_->eog_ids()) words[size_t(id) >> 5] |= 1u << (id & 31);
-    if (mask_cache_.size() >= 4096) mask_cache_.clear();
-    mask_cache_.emplace(std::move(key), words);
-}
 
 }  // namespace coinfer

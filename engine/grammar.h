@@ -13,6 +13,7 @@
 // walks a trie of the vocabulary's byte strings, advancing the state byte by byte and cutting
 // every subtree the grammar rejects; masks are cached per state, and a state recurs whenever the
 // grammar loops (every character of a JSON string leaves the same state behind).
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -84,8 +85,51 @@ private:
     std::vector<TokenId> eog_;
 };
 
+// What the matchers of one grammar over one vocabulary share: the stack nodes, each node's
+// successors, and the masks of states seen before (a state is the same list of node ids in any
+// request, so a schema's masks are computed once per context, not once per request). Not
+// thread-safe: its matchers run on one thread (the engine's step loop).
+class GrammarContext {
+public:
+    GrammarContext(std::shared_ptr<const Grammar> grammar, std::shared_ptr<const TokenTrie> trie);
+    const Grammar& grammar() const { return *g_; }
+    const TokenTrie& trie() const { return *trie_; }
+    size_t n_nodes() const { return nodes_.size(); }
+
+private:
+    friend class GrammarMatcher;
+    using State = std::vector<int32_t>;  // sorted node ids; node 0 is the empty (accepting) stack
+    int32_t node(int32_t pos, int32_t parent);
+    // Adds to `out` every stack that `pos` over `parent` expands to (ranges on top, or empty).
+    void expand(int32_t pos, int32_t parent, State& out);
+    // The stacks a node becomes once its top range has matched (computed once per node).
+    const State& follow(int32_t id);
+    void advance(const State& from, uint8_t byte, State& out);
+    void walk(uint32_t trie_node, const State& state, size_t depth, std::vector<uint32_t>& words);
+    void fill_mask(const State& state, std::vector<uint32_t>& words);
+
+    std::shared_ptr<const Grammar> g_;
+    std::shared_ptr<const TokenTrie> trie_;
+    struct Node {
+        int32_t pos;     // an ELEM_RANGE element (or an ELEM_REF while expanding)
+        int32_t parent;  // the rest of the stack
+    };
+    std::vector<Node> nodes_;
+    std::unordered_map<uint64_t, int32_t> node_ids_;
+    std::vector<uint32_t> seen_;           // per node: the generation that last added it to a State
+    std::vector<State> follow_;            // per node, once computed
+    std::vector<char> follow_done_;
+    std::vector<std::array<uint64_t, 4>> bytes_;  // per element: the bytes its range takes
+    uint32_t generation_ = 0;
+    State initial_;
+    std::vector<State> scratch_;  // one State per trie depth
+    std::vector<std::pair<int32_t, int32_t>> work_;
+    std::unordered_map<std::string, std::vector<uint32_t>> mask_cache_;
+};
+
 class GrammarMatcher {
 public:
+    explicit GrammarMatcher(std::shared_ptr<GrammarContext> ctx);
     GrammarMatcher(std::shared_ptr<const Grammar> grammar, std::shared_ptr<const TokenTrie> trie);
 
     // Takes a token: its bytes must be allowed (an end-of-generation token only when can_end()).
@@ -96,33 +140,15 @@ public:
     // Whether accept_token(id) would succeed, leaving the state as it is (the mask, token by token).
     bool allows(TokenId id);
     // The tokens allowed next, as bits: bit id of words[id / 32]. Resized to the vocabulary.
-    void fill_mask(std::vector<uint32_t>& words);
+    void fill_mask(std::vector<uint32_t>& words) { ctx_->fill_mask(state_, words); }
     // The text so far is a whole sentence of the grammar / nothing more can follow it.
     bool can_end() const;
     bool must_end() const;
     size_t n_stacks() const { return state_.size(); }
 
 private:
-    using State = std::vector<int32_t>;  // sorted node ids; node 0 is the empty (accepting) stack
-    int32_t node(int32_t pos, int32_t parent);
-    // Adds to `out` every stack that `pos` over `parent` expands to (ranges on top, or empty).
-    void expand(int32_t pos, int32_t parent, State& out);
-    void advance(const State& from, uint8_t byte, State& out);
-    void walk(uint32_t trie_node, const State& state, size_t depth, std::vector<uint32_t>& words);
-
-    std::shared_ptr<const Grammar> g_;
-    std::shared_ptr<const TokenTrie> trie_;
-    struct Node {
-        int32_t pos;     // an ELEM_RANGE element
-        int32_t parent;  // the rest of the stack
-    };
-    std::vector<Node> nodes_;
-    std::unordered_map<uint64_t, int32_t> node_ids_;
-    std::vector<uint32_t> seen_;  // per node: the generation that last added it to a State
-    uint32_t generation_ = 0;
-    State state_;
-    std::vector<State> scratch_;  // one State per trie depth
-    std::unordered_map<std::string, std::vector<uint32_t>> mask_cache_;
+    std::shared_ptr<GrammarContext> ctx_;
+    GrammarContext::State state_;
 };
 
 }  // namespace coinfer

@@ -1,5 +1,5 @@
-// JSON Schema to GBNF: each (sub)schema becomes a rule; the document is JSON with at most a few
-// blanks between tokens. Supported: type (or a list of types), properties with required and
+// JSON Schema to GBNF: each (sub)schema becomes a rule; the document is JSON with one blank, or
+// a line break and indentation, between tokens. Supported: type (or a list of types), properties with required and
 // optional ones (in the order declared), additionalProperties (false, true or a schema; false
 // when properties are given and it is absent, as OpenAI's strict mode), items / prefixItems with
 // minItems / maxItems, enum, const, anyOf / oneOf, allOf of objects, $ref into $defs or
@@ -41,7 +41,8 @@ public:
 
     std::string run() {
         const std::string top = visit(root_, "root-value", "#", 0);
-        std::string out = "root ::= " + top + "\n";
+        // Blanks may lead (a tokenizer's piece often starts with one).
+        std::string out = "root ::= " + prim("ws") + " " + top + "\n";
         for (const std::string& n : order_) out += n + " ::= " + rules_[n] + "\n";
         return out;
     }
@@ -68,11 +69,14 @@ private:
 
     std::string prim(const std::string& name) {
         static const std::map<std::string, std::string> k = {
-            {"ws", "[ \\t\\n]{0,8}"},
-            {"char", R"([^"\\\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4}))"},
+            // One blank, or a line break and its indentation: room to lay a document out,
+            // none to ramble in.
+            {"ws", "(\" \" | \"\\n\" [ \\t]{0,16})?"},
+            // \u escapes of lone surrogates are JSON by the grammar but refused by parsers: none.
+            {"char", R"([^"\\\x00-\x1F] | "\\" (["\\/bfnrt] | "u" ([0-9a-cA-Ce-fE-F] [0-9a-fA-F]{3} | [dD] [0-7] [0-9a-fA-F]{2})))"},
             {"string", R"("\"" char* "\"" ws)"},
             {"integer", R"("-"? ([0-9] | [1-9] [0-9]{1,15}) ws)"},
-            {"number", R"("-"? ([0-9] | [1-9] [0-9]{1,15}) ("." [0-9]{1,16})? ([eE] [-+]? [0-9]{1,3})? ws)"},
+            {"number", R"("-"? ([0-9] | [1-9] [0-9]{1,15}) ("." [0-9]{1,16})? ([eE] [-+]? [0-9]{1,2})? ws)"},
             {"boolean", R"(("true" | "false") ws)"},
             {"null", R"("null" ws)"},
             {"value", "object | array | string | number | boolean | null"},

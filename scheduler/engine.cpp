@@ -75,9 +75,15 @@ struct Engine::Impl {
     std::thread thread;
 
     std::unordered_map<SeqId, std::unique_ptr<Active>> active;  // step-loop thread only
-    // The vocabulary's byte trie, built for the first constrained request.
+    // The vocabulary's byte trie, built for the first constrained request, and the compiled
+    // grammars of recent requests by their source (a schema sent again reuses its stack nodes
+    // and cached masks). Contexts are used on the step loop only.
     std::once_flag trie_once;
     std::shared_ptr<const TokenTrie> trie;
+    std::mutex grammars_mutex;
+    std::vector<std::pair<std::string, std::shared_ptr<GrammarContext>>> grammars;  // most recent last
+    static constexpr size_t k_max_grammars = 64;
+    std::shared_ptr<GrammarContext> grammar_context(const Request& req);
     std::vector<uint32_t> mask;  // step loop: the allowed-token bits of the row at hand
 
     // The allowed tokens of a constrained row, left in `mask` (EOS only when the request may
@@ -177,6 +183,28 @@ bool Engine::wait_for_stats(const std::function<bool(const EngineStats&)>& pred,
 
 // ---- submission (any thread) ----
 
+std::shared_ptr<GrammarContext> Engine::Impl::grammar_context(const Request& req) {
+    std::call_once(trie_once, [&] { trie = std::make_shared<TokenTrie>(model->tokenizer()); });
+    std::string key = req.grammar.empty() ? "s:" + req.json_schema : "g:" + req.grammar;
+    {
+        std::lock_guard lock(grammars_mutex);
+        for (auto it = grammars.begin(); it != grammars.end(); ++it)
+            if (it->first == key) {
+                auto hit = *it;
+                grammars.erase(it);
+                grammars.push_back(hit);
+                return hit.second;
+            }
+    }
+    // Compiled outside the lock (a bad one throws to its caller alone).
+    auto g = req.grammar.empty() ? Grammar::from_json_schema(req.json_schema) : Grammar::parse(req.grammar);
+    auto ctx = std::make_shared<GrammarContext>(std::move(g), trie);
+    std::lock_guard lock(grammars_mutex);
+    if (grammars.size() >= k_max_grammars) grammars.erase(grammars.begin());
+    grammars.push_back({std::move(key), ctx});
+    return ctx;
+}
+
 Engine::Prepared Engine::prepare(Impl& im, const Request& req) {
     const Model& model = *im.model;
     Prepared p;
@@ -202,9 +230,7 @@ Engine::Prepared Engine::prepare(Impl& im, const Request& req) {
                                       p.prompt_ids.size(), im.n_ctx));
     validate_generate(model, p.prompt_ids.size(), g);  // empty prompt, context, sampling values
     if (!req.grammar.empty() && !req.json_schema.empty()) throw_error("give a grammar or a JSON schema, not both");
-    if (!req.grammar.empty()) p.grammar = Grammar::parse(req.grammar);
-    if (!req.json_schema.empty()) p.grammar = Grammar::from_json_schema(req.json_schema);
-    if (p.grammar) std::call_once(im.trie_once, [&] { im.trie = std::make_shared<TokenTrie>(model.tokenizer()); });
+    if (!req.grammar.empty() || !req.json_schema.empty()) p.grammar = im.grammar_context(req);
     if (static_cast<int64_t>(p.prompt_ids.size()) + req.max_tokens > im.n_ctx)
         throw_error("prompt ({} tokens) plus max_tokens ({}) exceeds the context of {} tokens",
                     p.prompt_ids.size(), req.max_tokens, im.n_ctx);
@@ -263,7 +289,7 @@ void Engine::Impl::admit(std::unique_ptr<Prepared> p) {
     const Request& req = p->request;
     auto a = std::make_unique<Active>(Active{p->state, req, Sampler(req.sampling), nullptr, StreamDecoder(model->tokenizer()),
                                              StopMatcher(req.stop), p->submitted, false});
-    if (p->grammar) a->grammar = std::make_unique<GrammarMatcher>(p->grammar, trie);
+    if (p->grammar) a->grammar = std::make_unique<GrammarMatcher>(p->grammar);
     // Repetition penalties look at the prompt too, as llama.cpp's do.
     for (TokenId t : p->prompt_ids) a->sampler.accept(t);
     planner->add(id, std::move(p->prompt_ids));

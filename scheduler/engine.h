@@ -88,7 +88,7 @@ struct EngineStats {
     std::string failure;            // why, when failed
 };
 
-class Grammar;
+class GrammarContext;
 
 class EngineError : public Error {
 public:
@@ -203,7 +203,7 @@ public:
         std::shared_ptr<detail::RequestState> state;
         std::vector<TokenId> prompt_ids;
         Request request;
-        std::shared_ptr<const Grammar> grammar;  // compiled from request.grammar / json_schema
+        std::shared_ptr<GrammarContext> grammar;  // compiled from request.grammar / json_schema
         std::chrono::steady_clock::time_point submitted;
     };
 
