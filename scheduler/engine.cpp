@@ -56,6 +56,7 @@ struct Sampled {
     SeqId id;
     TokenEvent ev;                       // ev.id < 0: no token could be sampled
     FinishReason end = FINISH_REASON_NONE;  // EOS (STOP) or length, decided before the next launch
+    bool grammar_done = false;              // STOP because the grammar is complete: the token is text
 };
 
 struct Engine::Impl {
@@ -606,7 +607,7 @@ std::vector<Sampled> Engine::Impl::complete(InFlight& f, std::unordered_set<SeqI
                 continue;
             }
             if (!a.req.ignore_eos && tok.is_eog(d.ev.id)) d.end = FINISH_REASON_STOP;
-            else if (a.grammar && a.grammar->must_end()) d.end = FINISH_REASON_STOP;  // the grammar is complete
+            else if (a.grammar && a.grammar->must_end()) d.end = FINISH_REASON_STOP, d.grammar_done = true;
             else if (a.length_reached) d.end = FINISH_REASON_LENGTH;
             if (d.end != FINISH_REASON_NONE) ending.insert(id);
         }
@@ -628,7 +629,7 @@ void Engine::Impl::deliver(std::vector<Sampled>& done) {
             continue;
         }
         ++n_gen;
-        const bool eog = d.end == FINISH_REASON_STOP;
+        const bool eog = d.end == FINISH_REASON_STOP && !d.grammar_done;
         FinishReason reason = FINISH_REASON_NONE;
         if (!eog) ev.text = a.stop.push(a.decoder.push(ev.id));
         if (eog || a.stop.stopped()) reason = FINISH_REASON_STOP;

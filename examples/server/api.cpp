@@ -27,6 +27,7 @@
 
 #include "index_html.h"  // generated from server/web/index.html
 #include "server.h"
+#include "engine/grammar.h"
 
 namespace coinfer::server {
 
@@ -302,9 +303,11 @@ struct Api::Impl {
     std::variant<struct Reply, GenSpec> route(const http::Request& r);
     asio::awaitable<void> generate(Exchange& ex, GenSpec& g);  // g must outlive it
 
-    void parse_sampling(const json& body, GenSpec& g);
-    GenSpec parse_completion(const json& body);
-    GenSpec parse_chat(const json& body);
+    // `raw`: the body's text, for what must keep its member order (JSON schemas).
+    void parse_sampling(const json& body, std::string_view raw, GenSpec& g);
+    void parse_constraint(const json& body, std::string_view raw, GenSpec& g);
+    GenSpec parse_completion(const json& body, std::string_view raw);
+    GenSpec parse_chat(const json& body, std::string_view raw);
     void refuse_if_cannot_fit(std::string_view text, const char* param) const;
     bool origin_allowed(std::string_view origin, std::optional<std::string_view> host) const;
     std::string piece(TokenId id) const { return tokenizer().token_to_piece(id, true); }
@@ -318,7 +321,63 @@ asio::awaitable<void> Api::handle(Exchange& ex) { return impl_->handle(ex); }
 
 // ---- request bodies ----
 
-void Api::Impl::parse_sampling(const json& body, GenSpec& g) {
+// Structured output: OpenAI's response_format (json_object, json_schema), llama.cpp's grammar
+// and json_schema fields. Checked here, on a worker, so a bad one is a 400 naming its field.
+void Api::Impl::parse_constraint(const json& body, std::string_view raw, GenSpec& g) {
+    // A schema's properties come in the order the client wrote them (the document follows it),
+    // so schemas are taken from an order-keeping parse of the body.
+    std::optional<nlohmann::ordered_json> ordered;
+    auto schema_text = [&](std::initializer_list<const char*> path) {
+        if (!ordered) ordered = nlohmann::ordered_json::parse(raw);
+        const nlohmann::ordered_json* at = &*ordered;
+        for (const char* k : path) at = &(*at)[k];
+        return at->dump();
+    };
+    int n_given = 0;
+    const char* param = nullptr;
+    if (const json* f = field(body, "response_format")) {
+        if (!f->is_object() || !f->contains("type") || !(*f)["type"].is_string())
+            bad("response_format", "'response_format' must be an object with a 'type'");
+        const std::string type = (*f)["type"].get<std::string>();
+        if (type == "json_object") {
+            // llama.cpp's extension: a schema beside json_object.
+            const auto it = f->find("schema");
+            g.req.json_schema = it != f->end() ? schema_text({"response_format", "schema"}) : R"({"type":"object"})";
+            ++n_given;
+        } else if (type == "json_schema") {
+            const auto js = f->find("json_schema");
+            if (js == f->end() || !js->is_object() || !js->contains("schema") ||
+                !((*js)["schema"].is_object() || (*js)["schema"].is_boolean()))
+                bad("response_format", "response_format json_schema needs {\"json_schema\": {\"schema\": {...}}}");
+            g.req.json_schema = schema_text({"response_format", "json_schema", "schema"});
+            ++n_given;
+        } else if (type != "text") {
+            bad("response_format", fmt::format("response_format type '{}' is not one of text, json_object, json_schema", type));
+        }
+        param = "response_format";
+    }
+    if (const json* f = field(body, "json_schema")) {
+        if (!f->is_object()) bad("json_schema", "'json_schema' must be a schema object");
+        g.req.json_schema = schema_text({"json_schema"});
+        ++n_given;
+        param = "json_schema";
+    }
+    if (const json* f = field(body, "grammar")) {
+        if (!f->is_string()) bad("grammar", "'grammar' must be a string of GBNF");
+        g.req.grammar = f->get<std::string>();
+        ++n_given;
+        param = "grammar";
+    }
+    if (n_given > 1) bad(param, "give one of response_format, json_schema and grammar");
+    try {
+        if (!g.req.json_schema.empty()) (void)Grammar::from_json_schema(g.req.json_schema);
+        if (!g.req.grammar.empty()) (void)Grammar::parse(g.req.grammar);
+    } catch (const Error& e) {
+        bad(param, e.what());
+    }
+}
+
+void Api::Impl::parse_sampling(const json& body, std::string_view raw, GenSpec& g) {
     SamplingParams& sp = g.req.sampling;
     sp.temperature = static_cast<float>(opt_number(body, "temperature", 0, 100).value_or(1.0));
     sp.top_p = static_cast<float>(opt_number(body, "top_p", 0, 1, true).value_or(1.0));
@@ -367,6 +426,7 @@ void Api::Impl::parse_sampling(const json& body, GenSpec& g) {
             bad("stop", fmt::format("the stop strings hold {} bytes; at most {} together (--max-stop-bytes)", bytes,
                                     opt.max_stop_bytes));
     }
+    parse_constraint(body, raw, g);
     g.req.ignore_eos = opt_bool(body, "ignore_eos").value_or(false);
     g.stream = opt_bool(body, "stream").value_or(false);
     if (const json* f = field(body, "stream_options")) {
@@ -405,7 +465,7 @@ void Api::Impl::refuse_if_cannot_fit(std::string_view text, const char* param) c
                        param, "context_length_exceeded"};
 }
 
-GenSpec Api::Impl::parse_completion(const json& body) {
+GenSpec Api::Impl::parse_completion(const json& body, std::string_view raw) {
     GenSpec g;
     const json* p = field(body, "prompt");
     if (!p) bad("prompt", "'prompt' is required");
@@ -426,7 +486,7 @@ GenSpec Api::Impl::parse_completion(const json& body) {
     // keeps them text.
     g.req.parse_special = opt_bool(body, "parse_special").value_or(true);
     g.req.max_tokens = static_cast<int32_t>(opt_int(body, "max_tokens", 1, std::max(opt.n_ctx, 1)).value_or(16));
-    parse_sampling(body, g);
+    parse_sampling(body, raw, g);
     if (auto lp = opt_int(body, "logprobs", 0, SamplingParams::k_max_logprobs)) {
         g.n_logprobs = static_cast<int32_t>(*lp);
         g.req.sampling.n_logprobs = std::max<int32_t>(1, g.n_logprobs);  // the chosen token's needs n >= 1
@@ -436,7 +496,7 @@ GenSpec Api::Impl::parse_completion(const json& body) {
     return g;
 }
 
-GenSpec Api::Impl::parse_chat(const json& body) {
+GenSpec Api::Impl::parse_chat(const json& body, std::string_view raw) {
     GenSpec g;
     g.chat = true;
     const json* m = field(body, "messages");
@@ -481,7 +541,7 @@ GenSpec Api::Impl::parse_chat(const json& body) {
     auto max_tokens = opt_int(body, "max_completion_tokens", 1, std::max(opt.n_ctx, 1));
     if (!max_tokens) max_tokens = opt_int(body, "max_tokens", 1, std::max(opt.n_ctx, 1));
     g.req.max_tokens = static_cast<int32_t>(max_tokens.value_or(room));
-    parse_sampling(body, g);
+    parse_sampling(body, raw, g);
     for (auto& s : chat.stop_strings()) g.req.stop.push_back(s);
     g.chat_logprobs = opt_bool(body, "logprobs").value_or(false);
     if (auto n = opt_int(body, "top_logprobs", 0, SamplingParams::k_max_logprobs)) {
@@ -837,7 +897,7 @@ std::variant<Reply, GenSpec> Api::Impl::route(const http::Request& r) {
             reply.body = dump(json{{"content", tokenizer().decode(ids)}});
             return reply;
         }
-        return path == "/v1/completions" ? parse_completion(body) : parse_chat(body);
+        return path == "/v1/completions" ? parse_completion(body, r.body) : parse_chat(body, r.body);
     } catch (const ApiError& e) {
         reply.status = e.status;
         reply.body = error_json(e);
