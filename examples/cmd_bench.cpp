@@ -22,8 +22,9 @@
 
 namespace coinfer::cli {
 
-// bench_allreduce.cpp: --mode allreduce; the table goes to `out`.
+// bench_allreduce.cpp / bench_grammar.cpp: --mode allreduce / grammar; the table goes to `out`.
 nlohmann::json bench_allreduce(Args& args, FILE* out);
+nlohmann::json bench_grammar(Args& args, const std::string& path, FILE* out);
 
 namespace {
 
@@ -643,7 +644,8 @@ int cmd_bench(Args& args) {
     if (args.help()) {
         fmt::print(
             "usage: coinfer bench -m MODEL [--mode serve|batched] [options]\n"
-            "       coinfer bench --mode allreduce [--tp N] [--json]\n\n"
+            "       coinfer bench --mode allreduce [--tp N] [--json]\n"
+            "       coinfer bench --mode grammar -m FILE.gguf [--schema F | --grammar F] [--json]\n\n"
             "Measures throughput and latency. MODEL is a GGUF file or synthetic:SHAPE[:TYPE]\n"
             "(random weights built in memory; shapes tiny, tinyllama-1.1b, llama2-7b, llama3-8b;\n"
             "types f16 (default), bf16, q8_0, q4_0, q4_k, q5_k, q6_k, q4_k_m, q5_k_m).\n\n"
@@ -673,7 +675,11 @@ int cmd_bench(Args& args) {
             "  --pp N, --tg N             prompt tokens and generated tokens per sequence (default 128, 128)\n\n"
             "--mode allreduce (no model: tensor parallelism's collective on this host's GPUs):\n"
             "  --tp N                     GPUs cuda:0..N-1 (default all); F16 sums of 8 KiB..64 MiB, peer\n"
-            "                             kernel and NCCL, eager and from a CUDA graph, checked\n");
+            "                             kernel and NCCL, eager and from a CUDA graph, checked\n\n"
+            "--mode grammar (no forward pass: constrained decoding's host cost per step):\n"
+            "  -m FILE.gguf               a model or vocab-only GGUF (its tokenizer)\n"
+            "  --schema FILE | --grammar FILE  JSON schema or GBNF (default: a built-in schema)\n"
+            "  --walks N                  random documents walked through the mask (default 20)\n");
         return 0;
     }
     Options o;
@@ -683,9 +689,10 @@ int cmd_bench(Args& args) {
     auto json_inline = args.value("--json");
     o.model_path = args.value("--model", "-m").value_or("");
     const std::string mode = args.value("--mode").value_or("serve");
-    if (mode == "allreduce") {  // no model: the collective alone
+    if (mode == "allreduce" || mode == "grammar") {  // no forward pass: the collective, or the masks
         const bool to_stdout = json_flag || json_inline;
-        const json j = bench_allreduce(args, to_stdout ? stderr : stdout);
+        const json j = mode == "allreduce" ? bench_allreduce(args, to_stdout ? stderr : stdout)
+                                           : bench_grammar(args, o.model_path, to_stdout ? stderr : stdout);
         if (to_stdout) fmt::print("{}\n", j.dump(2));
         return 0;
     }
