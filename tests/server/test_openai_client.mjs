@@ -159,6 +159,47 @@ async function main() {
       check_eq(final.choices[0].message.content, chat.choices[0].message.content, "assembled content");
     });
 
+    const schema = {
+      type: "object",
+      properties: { title: { type: "string", maxLength: 16 }, stars: { type: "integer", minimum: 1 } },
+      required: ["title", "stars"], additionalProperties: false,
+    };
+    const response_format = { type: "json_schema", json_schema: { name: "review", schema, strict: true } };
+    await t.run("chat with response_format json_schema gives a document of the schema", async () => {
+      const r = await client.chat.completions.create({
+        model: model_id, messages, max_tokens: 120, temperature: 0.8, seed: 7, response_format });
+      const c = r.choices[0];
+      check_eq(c.finish_reason, "stop", "finish_reason");
+      const doc = JSON.parse(c.message.content);
+      check_eq(Object.keys(doc).join(","), "title,stars", "members in the schema's order");
+      check(typeof doc.title === "string" && [...doc.title].length <= 16, "title obeys maxLength");
+      check(Number.isInteger(doc.stars) && doc.stars >= 1, "stars is an integer >= 1");
+    });
+
+    await t.run("the same, streamed: the deltas join into a document of the schema", async () => {
+      const stream = await client.chat.completions.create({
+        model: model_id, messages, max_tokens: 120, temperature: 0.8, seed: 8, response_format, stream: true });
+      const chunks = await collect(stream);
+      const text = chunks.filter((c) => c.choices && c.choices.length > 0)
+        .map((c) => (c.choices[0].delta && c.choices[0].delta.content) || "").join("");
+      const doc = JSON.parse(text);
+      check(typeof doc.title === "string" && Number.isInteger(doc.stars), "members of the schema");
+    });
+
+    await t.run("an unsupported schema keyword is a 400 APIError naming response_format", async () => {
+      try {
+        await client.chat.completions.create({
+          model: model_id, messages, max_tokens: 8,
+          response_format: { type: "json_schema", json_schema: { name: "x", schema: { type: "string", pattern: "a+" } } },
+        });
+      } catch (e) {
+        expect_api_error(e, 400);
+        check_eq(e.param, "response_format", "error.param");
+        return;
+      }
+      throw new Error("no error for an unsupported schema");
+    });
+
     await t.run("max_tokens -1 is a 400 APIError (BadRequestError)", async () => {
       try {
         await client.completions.create({ model: model_id, prompt: PROMPT, max_tokens: -1 });
