@@ -732,7 +732,8 @@ void GrammarContext::fill_mask(const State& state, std::vector<uint32_t>& words)
     walk(0, state, 0, words);
     if (!state.empty() && state[0] == 0)
         for (TokenId id : trie_->eog_ids()) words[size_t(id) >> 5] |= 1u << (id & 31);
-    if (mask_cache_.size() >= 4096) mask_cache_.clear();
+    // At most 16 MiB of masks a context (4,096 of a 32k vocabulary, 1,280 of a 102k one).
+    if ((mask_cache_.size() + 1) * n_words * 4 > (size_t(16) << 20)) mask_cache_.clear();
     mask_cache_.emplace(std::move(key), words);
 }
 

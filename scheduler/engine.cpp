@@ -83,7 +83,7 @@ struct Engine::Impl {
     std::shared_ptr<const TokenTrie> trie;
     std::mutex grammars_mutex;
     std::vector<std::pair<std::string, std::shared_ptr<GrammarContext>>> grammars;  // most recent last
-    static constexpr size_t k_max_grammars = 64;
+    static constexpr size_t k_max_grammars = 16;  // each holds up to 16 MiB of masks
     std::shared_ptr<GrammarContext> grammar_context(const Request& req);
     std::vector<uint32_t> mask;  // step loop: the allowed-token bits of the row at hand
 
