@@ -3,7 +3,9 @@
 #include <algorithm>
 #include <cstring>
 #include <deque>
+#include <functional>
 #include <map>
+#include <mutex>
 
 #include "io/error.h"
 
@@ -530,6 +532,40 @@ private:
 
 std::shared_ptr<const Grammar> Grammar::parse(std::string_view gbnf) { return Parser(gbnf).run(); }
 
+namespace {
+
+// Recently compiled grammars by source ("g:" GBNF or "s:" schema), most recent last.
+std::shared_ptr<const Grammar> cached(std::string key, const std::function<std::shared_ptr<const Grammar>()>& compile) {
+    static std::mutex mutex;
+    static std::vector<std::pair<std::string, std::shared_ptr<const Grammar>>> recent;
+    constexpr size_t k_max = 64;
+    {
+        std::lock_guard lock(mutex);
+        for (auto it = recent.begin(); it != recent.end(); ++it)
+            if (it->first == key) {
+                auto hit = std::move(*it);
+                recent.erase(it);
+                recent.push_back(hit);
+                return hit.second;
+            }
+    }
+    auto g = compile();  // outside the lock; a bad source throws to its caller and is not kept
+    std::lock_guard lock(mutex);
+    if (recent.size() >= k_max) recent.erase(recent.begin());
+    recent.push_back({std::move(key), g});
+    return g;
+}
+
+}  // namespace
+
+std::shared_ptr<const Grammar> Grammar::cached_gbnf(const std::string& gbnf) {
+    return cached("g:" + gbnf, [&] { return parse(gbnf); });
+}
+
+std::shared_ptr<const Grammar> Grammar::cached_json_schema(const std::string& schema_json) {
+    return cached("s:" + schema_json, [&] { return from_json_schema(schema_json); });
+}
+
 std::shared_ptr<const Grammar> Grammar::json_object() {
     static const std::shared_ptr<const Grammar> g = parse(R"(root ::= ws object
 value ::= object | array | string | number | ("true" | "false" | "null") ws
@@ -605,7 +641,6 @@ void TokenTrie::build() {
 
 GrammarContext::GrammarContext(std::shared_ptr<const Grammar> grammar, std::shared_ptr<const TokenTrie> trie)
     : g_(std::move(grammar)), trie_(std::move(trie)) {
-    scratch_.resize(trie_->max_depth() + 1);
     bytes_.resize(g_->elems.size(), {0, 0, 0, 0});
     for (size_t i = 0; i < g_->elems.size(); ++i) {
         const Grammar::Elem& e = g_->elems[i];
@@ -697,44 +732,61 @@ void GrammarContext::advance(const State& from, uint8_t byte, State& out) {
     if (out.size() > 1) std::sort(out.begin(), out.end());
 }
 
-void GrammarContext::walk(uint32_t trie_node, const State& state, size_t depth, std::vector<uint32_t>& words) {
-    // The bytes any stack can take next: children outside them are skipped unvisited.
-    uint64_t may[4] = {0, 0, 0, 0};
-    for (int32_t id : state) {
-        if (id == 0) continue;
-        const auto& b = bytes_[size_t(nodes_[size_t(id)].pos)];
-        for (int k = 0; k < 4; ++k) may[k] |= b[size_t(k)];
+int32_t GrammarContext::intern(const State& st) {
+    std::string key(reinterpret_cast<const char*>(st.data()), st.size() * sizeof(int32_t));
+    auto [it, fresh] = state_ids_.try_emplace(std::move(key), int32_t(states_.size()));
+    if (fresh) {
+        states_.push_back(st);
+        std::array<int32_t, 256> unknown;
+        unknown.fill(-1);
+        trans_.push_back(unknown);
     }
+    return it->second;
+}
+
+int32_t GrammarContext::step(int32_t sid, uint8_t byte) {
+    int32_t next = trans_[size_t(sid)][byte];
+    if (next != -1) return next;
+    State out;
+    advance(states_[size_t(sid)], byte, out);
+    next = out.empty() ? -2 : intern(out);
+    trans_[size_t(sid)][byte] = next;  // indexed again: intern() may have grown the table
+    return next;
+}
+
+void GrammarContext::walk(uint32_t trie_node, int32_t sid, std::vector<uint32_t>& words) {
     const TokenTrie::Node& tn = trie_->nodes[trie_node];
     for (uint32_t c = tn.first_child; c < tn.first_child + tn.n_children; ++c) {
         const TokenTrie::Node& kid = trie_->nodes[c];
-        if (!(may[kid.byte >> 6] >> (kid.byte & 63) & 1)) continue;
-        State& next = scratch_[depth];
-        advance(state, kid.byte, next);
-        if (next.empty()) continue;
+        const int32_t next = step(sid, kid.byte);
+        if (next < 0) continue;
         for (uint32_t t = kid.first_token; t < kid.first_token + kid.n_tokens; ++t) {
             const TokenId id = trie_->ids[t];
             words[size_t(id) >> 5] |= 1u << (id & 31);
         }
-        // The child's walk uses deeper scratch states only (all allocated up front).
-        if (kid.n_children > 0) walk(c, next, depth + 1, words);
+        if (kid.n_children > 0) walk(c, next, words);
     }
 }
 
 void GrammarContext::fill_mask(const State& state, std::vector<uint32_t>& words) {
     const size_t n_words = (size_t(trie_->n_vocab()) + 31) / 32;
-    std::string key(reinterpret_cast<const char*>(state.data()), state.size() * sizeof(int32_t));
-    if (auto it = mask_cache_.find(key); it != mask_cache_.end()) {
+    // Bounded memory: past 2^16 states (or 16 MiB of masks) everything memoized is dropped.
+    if (states_.size() > (size_t(1) << 16) || (mask_cache_.size() + 1) * n_words * 4 > (size_t(16) << 20)) {
+        state_ids_.clear();
+        states_.clear();
+        trans_.clear();
+        mask_cache_.clear();
+    }
+    const int32_t sid = intern(state);
+    if (auto it = mask_cache_.find(sid); it != mask_cache_.end()) {
         words = it->second;
         return;
     }
     words.assign(n_words, 0);
-    walk(0, state, 0, words);
+    walk(0, sid, words);
     if (!state.empty() && state[0] == 0)
         for (TokenId id : trie_->eog_ids()) words[size_t(id) >> 5] |= 1u << (id & 31);
-    // At most 16 MiB of masks a context (4,096 of a 32k vocabulary, 1,280 of a 102k one).
-    if ((mask_cache_.size() + 1) * n_words * 4 > (size_t(16) << 20)) mask_cache_.clear();
-    mask_cache_.emplace(std::move(key), words);
+    mask_cache_.emplace(sid, words);
 }
 
 GrammarMatcher::GrammarMatcher(std::shared_ptr<GrammarContext> ctx) : ctx_(std::move(ctx)), state_(ctx_->initial_) {}

@@ -42,6 +42,10 @@ public:
     static std::string json_schema_to_gbnf(std::string_view schema_json);
     // Any JSON object (response_format {"type": "json_object"}).
     static std::shared_ptr<const Grammar> json_object();
+    // parse() or from_json_schema() through a process-wide cache of recent sources (any
+    // thread): a server checks a request's grammar on a worker, and the engine finds it compiled.
+    static std::shared_ptr<const Grammar> cached_gbnf(const std::string& gbnf);
+    static std::shared_ptr<const Grammar> cached_json_schema(const std::string& schema_json);
 
     // The compiled form. An element is a byte range, a rule reference or the end of an
     // alternative; each alternative is a run of elements closed by an end.
@@ -105,7 +109,11 @@ private:
     // The stacks a node becomes once its top range has matched (computed once per node).
     const State& follow(int32_t id);
     void advance(const State& from, uint8_t byte, State& out);
-    void walk(uint32_t trie_node, const State& state, size_t depth, std::vector<uint32_t>& words);
+    // States as ids, with their transitions memoized: a trie walk through a state that loops
+    // (a string's characters) costs a table lookup per trie node.
+    int32_t intern(const State& s);
+    int32_t step(int32_t sid, uint8_t byte);  // the next state's id, or -2 when the byte is refused
+    void walk(uint32_t trie_node, int32_t sid, std::vector<uint32_t>& words);
     void fill_mask(const State& state, std::vector<uint32_t>& words);
 
     std::shared_ptr<const Grammar> g_;
@@ -122,9 +130,11 @@ private:
     std::vector<std::array<uint64_t, 4>> bytes_;  // per element: the bytes its range takes
     uint32_t generation_ = 0;
     State initial_;
-    std::vector<State> scratch_;  // one State per trie depth
     std::vector<std::pair<int32_t, int32_t>> work_;
-    std::unordered_map<std::string, std::vector<uint32_t>> mask_cache_;
+    std::unordered_map<std::string, int32_t> state_ids_;
+    std::vector<State> states_;
+    std::vector<std::array<int32_t, 256>> trans_;  // per state id: -1 not computed yet, -2 refused
+    std::unordered_map<int32_t, std::vector<uint32_t>> mask_cache_;  // by state id
 };
 
 class GrammarMatcher {

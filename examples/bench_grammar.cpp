@@ -5,9 +5,7 @@
 // a server sees the same schema again).
 #include <algorithm>
 #include <chrono>
-#include <fstream>
 #include <random>
-#include <sstream>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -35,14 +33,6 @@ double pct(std::vector<double> v, double p) {
     return v[std::min(v.size() - 1, size_t(p / 100.0 * double(v.size())))];
 }
 
-std::string read_text(const std::string& path) {
-    std::ifstream in(path, std::ios::binary);
-    if (!in) throw Error(fmt::format("{}: cannot open", path));
-    std::ostringstream ss;
-    ss << in.rdbuf();
-    return ss.str();
-}
-
 }  // namespace
 
 nlohmann::json bench_grammar(Args& args, const std::string& path, FILE* out) {
@@ -58,7 +48,7 @@ nlohmann::json bench_grammar(Args& args, const std::string& path, FILE* out) {
     auto t0 = Clock::now();
     auto trie = std::make_shared<TokenTrie>(tok);
     const double trie_ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-    const std::string source = grammar_file ? read_text(*grammar_file) : schema_file ? read_text(*schema_file) : k_default_schema;
+    const std::string source = grammar_file ? read_file(*grammar_file) : schema_file ? read_file(*schema_file) : k_default_schema;
     t0 = Clock::now();
     auto grammar = grammar_file ? Grammar::parse(source) : Grammar::from_json_schema(source);
     const double compile_us = std::chrono::duration<double, std::micro>(Clock::now() - t0).count();

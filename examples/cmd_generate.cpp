@@ -37,14 +37,6 @@ BackendChoice open_backend(Args& args, std::shared_ptr<const Model> model, int32
     return b;
 }
 
-std::string read_file(const std::string& path) {
-    std::ifstream in(path, std::ios::binary);
-    if (!in) throw Error(fmt::format("{}: cannot open", path));
-    std::ostringstream ss;
-    ss << in.rdbuf();
-    return ss.str();
-}
-
 float float_opt(Args& args, std::string_view name, float def, std::string_view alias = {}) {
     auto v = args.float_value(name, alias);
     return v ? static_cast<float>(*v) : def;

@@ -76,10 +76,9 @@ struct Engine::Impl {
     std::thread thread;
 
     std::unordered_map<SeqId, std::unique_ptr<Active>> active;  // step-loop thread only
-    // The vocabulary's byte trie, built for the first constrained request, and the compiled
-    // grammars of recent requests by their source (a schema sent again reuses its stack nodes
-    // and cached masks). Contexts are used on the step loop only.
-    std::once_flag trie_once;
+    // The vocabulary's byte trie (built with the engine: 15-300 ms, not on a request's thread),
+    // and the compiled grammars of recent requests by their source (a schema sent again reuses
+    // its stack nodes and cached masks). Contexts are used on the step loop only.
     std::shared_ptr<const TokenTrie> trie;
     std::mutex grammars_mutex;
     std::vector<std::pair<std::string, std::shared_ptr<GrammarContext>>> grammars;  // most recent last
@@ -133,6 +132,7 @@ Engine::Engine(asio::any_io_executor ex, EngineOptions opt) : executor_(std::mov
     Impl& im = *impl_;
     im.opt = std::move(opt);
     im.model = im.opt.loaded ? im.opt.loaded : Model::load(im.opt.model);
+    im.trie = std::make_shared<TokenTrie>(im.model->tokenizer());
     im.opt.backend.max_step_tokens = std::max(im.opt.planner.max_batch_tokens, 1);
     im.backend = make_backend(im.model, im.opt.device, im.opt.backend);
     if (im.opt.fault_rate > 0.0 || im.opt.fault_fatal_at > 0)
@@ -185,7 +185,6 @@ bool Engine::wait_for_stats(const std::function<bool(const EngineStats&)>& pred,
 // ---- submission (any thread) ----
 
 std::shared_ptr<GrammarContext> Engine::Impl::grammar_context(const Request& req) {
-    std::call_once(trie_once, [&] { trie = std::make_shared<TokenTrie>(model->tokenizer()); });
     std::string key = req.grammar.empty() ? "s:" + req.json_schema : "g:" + req.grammar;
     {
         std::lock_guard lock(grammars_mutex);
@@ -197,8 +196,8 @@ std::shared_ptr<GrammarContext> Engine::Impl::grammar_context(const Request& req
                 return hit.second;
             }
     }
-    // Compiled outside the lock (a bad one throws to its caller alone).
-    auto g = req.grammar.empty() ? Grammar::from_json_schema(req.json_schema) : Grammar::parse(req.grammar);
+    // Compiled outside the lock (a bad one throws to its caller alone), or found compiled.
+    auto g = req.grammar.empty() ? Grammar::cached_json_schema(req.json_schema) : Grammar::cached_gbnf(req.grammar);
     auto ctx = std::make_shared<GrammarContext>(std::move(g), trie);
     std::lock_guard lock(grammars_mutex);
     if (grammars.size() >= k_max_grammars) grammars.erase(grammars.begin());

@@ -370,8 +370,9 @@ void Api::Impl::parse_constraint(const json& body, std::string_view raw, GenSpec
     }
     if (n_given > 1) bad(param, "give one of response_format, json_schema and grammar");
     try {
-        if (!g.req.json_schema.empty()) (void)Grammar::from_json_schema(g.req.json_schema);
-        if (!g.req.grammar.empty()) (void)Grammar::parse(g.req.grammar);
+        // Compiled here, off the io thread; the engine finds it in the cache.
+        if (!g.req.json_schema.empty()) (void)Grammar::cached_json_schema(g.req.json_schema);
+        if (!g.req.grammar.empty()) (void)Grammar::cached_gbnf(g.req.grammar);
     } catch (const Error& e) {
         bad(param, e.what());
     }
