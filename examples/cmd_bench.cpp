@@ -231,6 +231,7 @@ struct ServeOptions {
     std::optional<int64_t> concurrency;
     std::optional<double> rate;
     std::pair<int32_t, int32_t> pr{128, 128}, gr{128, 128};  // prompt and generation length ranges
+    std::string json_schema;  // every request constrained to it (--json-schema FILE)
 };
 
 ServeOptions parse_serve(Args& args) {
@@ -251,6 +252,7 @@ ServeOptions parse_serve(Args& args) {
     if (gen_len) so.gr = parse_range(std::to_string(*gen_len), "--gen-len");
     if (prompt_range) so.pr = parse_range(*prompt_range, "--prompt-len-range");
     if (gen_range) so.gr = parse_range(*gen_range, "--gen-len-range");
+    if (auto f = args.value("--json-schema")) so.json_schema = read_file(*f);
     return so;
 }
 
@@ -281,6 +283,7 @@ json run_serve(const ServeOptions& so, const Options& o, std::shared_ptr<const M
         r.sampling.temperature = o.temperature;
         r.sampling.top_k = 0;
         r.sampling.seed = o.seed + static_cast<uint64_t>(i);
+        r.json_schema = so.json_schema;
         kv_read_bytes += cost.kv_bytes_per_pos * (static_cast<double>(g) * p + 0.5 * static_cast<double>(g) * (g - 1));
     }
     std::vector<double> gaps;  // Poisson inter-arrival times
@@ -669,7 +672,9 @@ int cmd_bench(Args& args) {
             "  --rate R                   Poisson arrivals at R requests/s instead\n"
             "  --prompt-len P, --gen-len G                 (default 128 each)\n"
             "  --prompt-len-range A:B, --gen-len-range A:B  uniform, seeded\n"
-            "  --temp T                   sampling temperature (default 0: greedy)\n\n"
+            "  --temp T                   sampling temperature (default 0: greedy)\n"
+            "  --json-schema FILE         constrain every request to this JSON schema (a document that\n"
+            "                             completes early ends its request early)\n\n"
             "--mode batched (straight on the backend, like llama-batched-bench):\n"
             "  --batches LIST             sequence counts (default 1,16,64,128,256)\n"
             "  --pp N, --tg N             prompt tokens and generated tokens per sequence (default 128, 128)\n\n"

@@ -1,5 +1,6 @@
 #include "engine.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -86,12 +87,14 @@ struct Engine::Impl {
     std::shared_ptr<GrammarContext> grammar_context(const Request& req);
     std::vector<uint32_t> mask;  // step loop: the allowed-token bits of the row at hand
 
-    // The allowed tokens of a constrained row, left in `mask` (EOS only when the request may
-    // stop there).
+    // The allowed tokens of a constrained row, left in `mask`: EOS only where the grammar may
+    // end, and with ignore_eos only when nothing else can follow (the document is complete).
     void grammar_mask(Active& a) {
         a.grammar->fill_mask(mask);
-        if (a.req.ignore_eos)
-            for (TokenId id : trie->eog_ids()) mask[size_t(id) >> 5] &= ~(1u << (id & 31));
+        if (!a.req.ignore_eos || !a.grammar->can_end()) return;
+        std::vector<uint32_t> other = mask;
+        for (TokenId id : trie->eog_ids()) other[size_t(id) >> 5] &= ~(1u << (id & 31));
+        if (std::any_of(other.begin(), other.end(), [](uint32_t w) { return w != 0; })) mask.swap(other);
     }
     std::unique_ptr<InFlight> in_flight;                        // step-loop thread only
 
@@ -605,7 +608,8 @@ std::vector<Sampled> Engine::Impl::complete(InFlight& f, std::unordered_set<SeqI
                 done.push_back(std::move(d));
                 continue;
             }
-            if (!a.req.ignore_eos && tok.is_eog(d.ev.id)) d.end = FINISH_REASON_STOP;
+            // EOS ends a constrained request even with ignore_eos: the mask allowed it only there.
+            if ((!a.req.ignore_eos || a.grammar) && tok.is_eog(d.ev.id)) d.end = FINISH_REASON_STOP;
             else if (a.grammar && a.grammar->must_end()) d.end = FINISH_REASON_STOP, d.grammar_done = true;
             else if (a.length_reached) d.end = FINISH_REASON_LENGTH;
             if (d.end != FINISH_REASON_NONE) ending.insert(id);

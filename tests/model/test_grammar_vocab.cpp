@@ -232,3 +232,34 @@ TEST_CASE("1,000 schema-constrained requests on stories260K all give valid JSON"
 TEST_CASE("200 schema-constrained requests on quant-base (Q8_0) all give valid JSON") {
     constrained_runs("quant/quant-base-Q8_0.gguf", 200);
 }
+
+TEST_CASE("ignore_eos with a grammar: a complete document still ends the request, with stop") {
+    auto path = test::model_file("stories260K.gguf");
+    if (!path) return;
+    asio::io_context io;
+    EngineOptions o;
+    o.model = *path;
+    o.device = "cpu";
+    o.backend.n_blocks = 256;
+    Engine engine(io.get_executor(), o);
+    int n_ok = 0;
+    for (int i = 0; i < 20; ++i) {
+        Request r;
+        r.prompt = "Once upon a time";
+        r.max_tokens = 50;
+        r.ignore_eos = true;
+        r.sampling.temperature = 1.0f;
+        r.sampling.seed = uint64_t(i);
+        // After "yes" only a blank may follow, and the vocabulary may have no such token: then
+        // the end of generation is the only way on, whatever ignore_eos says.
+        r.grammar = R"(root ::= " yes" " "? | " no" " "?)";
+        engine.async_complete(r, [&](std::error_code ec, Completion c) {
+            const bool ok = !ec && c.finish_reason == FINISH_REASON_STOP &&
+                            (c.text == " yes" || c.text == " yes " || c.text == " no" || c.text == " no ");
+            if (!ok) MESSAGE("got '" << c.text << "' finish " << int(c.finish_reason) << " " << ec.message());
+            n_ok += ok;
+        });
+    }
+    io.run();
+    CHECK(n_ok == 20);
+}
