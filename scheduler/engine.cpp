@@ -131,8 +131,34 @@ struct Engine::Impl {
 
 // ---- construction ----
 
+namespace {
+
+// Options a caller may get wrong, refused by name before anything is loaded or uploaded.
+void validate_options(const EngineOptions& o) {
+    const BackendOptions& b = o.backend;
+    const PlannerOptions& p = o.planner;
+    (void)parse_device(o.device);
+    if (b.block_size < 1 || b.block_size > 1024) throw_error("backend.block_size {} is not in 1..1024", b.block_size);
+    if (b.n_blocks < 0) throw_error("backend.n_blocks {} is negative (0: the backend's choice)", b.n_blocks);
+    if (b.n_threads < 1 || b.n_threads > 1024) throw_error("backend.n_threads {} is not in 1..1024", b.n_threads);
+    if (!(b.gpu_memory_fraction > 0.0f && b.gpu_memory_fraction <= 1.0f))
+        throw_error("backend.gpu_memory_fraction {} is not in (0, 1]", b.gpu_memory_fraction);
+    if (b.cuda_device < 0) throw_error("backend.cuda_device {} is negative", b.cuda_device);
+    if (p.max_batch_tokens < 1) throw_error("planner.max_batch_tokens must be at least 1 (got {})", p.max_batch_tokens);
+    if (p.max_seqs < 1) throw_error("planner.max_seqs must be at least 1 (got {})", p.max_seqs);
+    if (p.max_prompt_tokens_mixed < 0)
+        throw_error("planner.max_prompt_tokens_mixed {} is negative (0: no cap)", p.max_prompt_tokens_mixed);
+    if (o.max_waiting < 1) throw_error("max_waiting must be at least 1 (got {})", o.max_waiting);
+    if (o.n_ctx < 0) throw_error("n_ctx {} is negative (0: the model's)", o.n_ctx);
+    if (!(o.fault_rate >= 0.0 && o.fault_rate <= 1.0)) throw_error("fault_rate {} is not in [0, 1]", o.fault_rate);
+    if (o.fault_fatal_at < 0) throw_error("fault_fatal_at {} is negative", o.fault_fatal_at);
+}
+
+}  // namespace
+
 Engine::Engine(asio::any_io_executor ex, EngineOptions opt) : executor_(std::move(ex)), impl_(std::make_shared<Impl>()) {
     Impl& im = *impl_;
+    validate_options(opt);
     im.opt = std::move(opt);
     im.model = im.opt.loaded ? im.opt.loaded : Model::load(im.opt.model);
     im.trie = std::make_shared<TokenTrie>(im.model->tokenizer());
@@ -144,7 +170,6 @@ Engine::Engine(asio::any_io_executor ex, EngineOptions opt) : executor_(std::mov
     im.planner = std::make_unique<Planner>(*im.pool, im.opt.planner);
     im.n_ctx = im.opt.n_ctx > 0 ? im.opt.n_ctx
                                 : static_cast<int32_t>(std::min<int64_t>(im.model->config().n_ctx_train, INT32_MAX));
-    if (im.opt.max_waiting < 1) throw_error("max_waiting must be at least 1");
     im.publish_stats(true);
     im.thread = std::thread([&im] { im.run(); });
 }

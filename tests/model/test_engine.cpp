@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <map>
+#include <cmath>
 #include <random>
 #include <thread>
 
@@ -709,6 +710,40 @@ TEST_CASE("device names: cpu, cuda, cuda:N and auto; anything else, or a card no
     CHECK_THROWS_AS(Engine(io.get_executor(), o), Error);
     o.device = "tpu";
     CHECK_THROWS_WITH_AS(Engine(io.get_executor(), o), doctest::Contains("'tpu'"), Error);
+}
+
+TEST_CASE("options a caller gets wrong are refused by name at construction, before the model loads") {
+    asio::io_context io;
+    auto refused = [&](auto edit, const char* name) {
+        EngineOptions o;
+        o.model = "/nonexistent/model.gguf";  // never reached: options are checked first
+        o.device = "cpu";
+        edit(o);
+        try {
+            Engine e(io.get_executor(), o);
+        } catch (const Error& e) {
+            CHECK_MESSAGE(std::string(e.what()).find(name) != std::string::npos, e.what());
+            return;
+        }
+        FAIL_CHECK("no error for " << name);
+    };
+    refused([](EngineOptions& o) { o.backend.block_size = 0; }, "block_size");
+    refused([](EngineOptions& o) { o.backend.gpu_memory_fraction = NAN; }, "gpu_memory_fraction");
+    refused([](EngineOptions& o) { o.backend.gpu_memory_fraction = 1.5f; }, "gpu_memory_fraction");
+    refused([](EngineOptions& o) { o.backend.n_blocks = -1; }, "n_blocks");
+    refused([](EngineOptions& o) { o.backend.n_threads = 0; }, "n_threads");
+    refused([](EngineOptions& o) { o.planner.max_batch_tokens = 0; }, "max_batch_tokens");
+    refused([](EngineOptions& o) { o.planner.max_seqs = 0; }, "max_seqs");
+    refused([](EngineOptions& o) { o.planner.max_prompt_tokens_mixed = -1; }, "max_prompt_tokens_mixed");
+    refused([](EngineOptions& o) { o.max_waiting = 0; }, "max_waiting");
+    refused([](EngineOptions& o) { o.n_ctx = -5; }, "n_ctx");
+    refused([](EngineOptions& o) { o.fault_rate = 2.0; }, "fault_rate");
+    refused([](EngineOptions& o) { o.device = "gpu0"; }, "gpu0");
+    // Sound options reach the model, which is missing here: that error comes second.
+    EngineOptions ok;
+    ok.model = "/nonexistent/model.gguf";
+    ok.device = "cpu";
+    CHECK_THROWS_WITH_AS(Engine(io.get_executor(), ok), doctest::Contains("nonexistent"), Error);
 }
 
 TEST_CASE("a request larger than the whole KV pool fails with too_long and is counted as finished") {
