@@ -41,6 +41,41 @@ void SamplingParams::validate() const {
 
 namespace {
 
+// Sums (sampler.h): each chunk of k_sample_sum_chunk weights left to right from 0.
+void chunk_sums(std::span<const SamplerCandidate> cand, std::vector<float>& out) {
+    const size_t k = k_sample_sum_chunk;
+    out.assign((cand.size() + k - 1) / k, 0.0f);
+    for (size_t i = 0; i < cand.size(); ++i) out[i / k] += cand[i].weight;
+}
+
+float chunked_total(const std::vector<float>& sums) {
+    float a = 0.0f;
+    for (float s : sums) a += s;
+    return a;
+}
+
+// The first j whose running sum passes t (> t when strict, else >= t): first the chunk whose
+// running total passes, then the weights of that chunk added to the total before it. The
+// chunk's last (or the very last) candidate when rounding leaves none.
+size_t first_passing(std::span<const SamplerCandidate> cand, const std::vector<float>& sums, float t, bool strict) {
+    auto passes = [&](float v) { return strict ? v > t : v >= t; };
+    const size_t k = k_sample_sum_chunk;
+    float a = 0.0f;
+    size_t c = 0;
+    for (; c < sums.size(); ++c) {
+        const float next = a + sums[c];
+        if (passes(next)) break;
+        a = next;
+    }
+    if (c == sums.size()) return cand.size() - 1;
+    const size_t hi = std::min(cand.size(), (c + 1) * k);
+    for (size_t j = c * k; j < hi; ++j) {
+        a += cand[j].weight;
+        if (passes(a)) return j;
+    }
+    return hi - 1;
+}
+
 // Sort order of step 4: logit descending, then lower id first. A strict total order, so every
 // sort algorithm on every device agrees.
 bool candidate_before(const SamplerCandidate& a, const SamplerCandidate& b) {
@@ -192,23 +227,14 @@ public:
     const char* name() const override { return "top_p"; }
     void apply(SamplerRow& row) override {
         auto& cand = row.candidates;
-        float sum = 0.0f;
-        for (const auto& c : cand) sum += c.weight;
-        const float target = p_ * sum;
-        float cum = 0.0f;
-        size_t n_keep = cand.size();
-        for (size_t j = 0; j < cand.size(); ++j) {
-            cum += cand[j].weight;
-            if (cum >= target) {
-                n_keep = j + 1;
-                break;
-            }
-        }
-        cand.resize(n_keep);
+        chunk_sums(cand, sums_);
+        const float target = p_ * chunked_total(sums_);
+        cand.resize(first_passing(cand, sums_, target, false) + 1);
     }
 
 private:
     float p_;
+    std::vector<float> sums_;  // scratch
 };
 
 // Step 8.
@@ -234,22 +260,14 @@ public:
     const char* name() const override { return "dist"; }
     void apply(SamplerRow& row) override {
         const auto& cand = row.candidates;
-        float sum = 0.0f;
-        for (const auto& c : cand) sum += c.weight;
-        const float target = philox_uniform(seed_, row.token_index) * sum;
-        float cum = 0.0f;
-        row.selected = cand.back().id;
-        for (const auto& c : cand) {
-            cum += c.weight;
-            if (cum > target) {
-                row.selected = c.id;
-                break;
-            }
-        }
+        chunk_sums(cand, sums_);
+        const float target = philox_uniform(seed_, row.token_index) * chunked_total(sums_);
+        row.selected = cand[first_passing(cand, sums_, target, true)].id;
     }
 
 private:
     uint64_t seed_;
+    std::vector<float> sums_;  // scratch
 };
 
 }  // namespace

@@ -20,17 +20,24 @@
 //                     max). Temperature comes before top-p/min-p (vLLM / OpenAI semantics: the
 //                     nucleus is taken from the distribution actually sampled). Weights that
 //                     underflow to 0 can never be drawn and are dropped; this changes nothing.
-//  7. top-p           (top_p < 1) with S = w_0 + w_1 + ... (float, left to right) and cum_k the
-//                     same sum of the first k weights: keep the smallest k with
+//  7. top-p           (top_p < 1) with S the sum of the weights and cum_k the running sum to
+//                     candidate k (both as in "Sums"): keep the smallest k with
 //                     cum_k >= top_p * S.
 //  8. min-p           (min_p > 0) keep the longest prefix with w_j >= min_p (that is,
 //                     p_j >= min_p * p_max, since w_0 = 1).
-//  9. draw            u = philox_uniform(seed, n); T = u * cum_m over the m kept candidates;
-//                     pick the first j with cum_{j+1} > T (the last kept one if rounding
-//                     leaves none).
+//  9. draw            u = philox_uniform(seed, n); T = u * S over the m kept candidates;
+//                     pick the first j with cum_j > T (the last kept one if rounding leaves
+//                     none).
+// Sums: the weights, in candidate order, fall in chunks of k_sample_sum_chunk (32; the last may
+// be shorter). A chunk sums left to right from 0; S is the left-to-right sum of the chunk sums.
+// The first j whose running sum passes a bound is found the same way: the first chunk c with
+// A_c + s_c passing it (A_c the running total of the chunks before c, s_c the chunk's sum; the
+// last candidate if none does), then within c the first j with A_c + w_first + ... + w_j
+// (left to right) passing it (c's last candidate if rounding leaves none). A device sums the
+// chunks in parallel; only the short running totals are serial.
 // All arithmetic is IEEE float with one rounding per written operation and no fused
 // multiply-add (engine/ is built with -ffp-contract=off; CUDA code must use __fmul_rn/__fadd_rn
-// or equivalent): c*freq + presence is a product then a sum. All sums run left to right;
+// or equivalent): c*freq + presence is a product then a sum. Sums run as above;
 // det_expf (kernels/philox.h) is the one exp. No stage divides by S: nothing is normalised.
 // Checked on an H100: det_expf and philox_uniform give the same bits on host and device.
 //

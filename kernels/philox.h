@@ -114,4 +114,8 @@ COINFER_HD inline float det_expf(float x) {
     return p * detail::det_pow2(int32_t(k));
 }
 
+// The sampler's sums (engine/sampler.h, "Sums") run over chunks of this many weights: a chunk
+// left to right, then the chunk sums left to right, so a device sums its chunks in parallel.
+inline constexpr int k_sample_sum_chunk = 32;
+
 }  // namespace coinfer

@@ -3,14 +3,16 @@
 //   logprob_kernel  grid (lp row): copy of the raw row, max, log-sum-exp, top-n by n block argmaxes
 //   greedy_kernel   grid (row): logit bias and penalties in the CPU's order (serial over the row's
 //                   list so repeated ids add in order), then an argmax, lowest id winning ties
-//   keys_kernel     grid (dist row, chunk): the CPU's 64-bit sort keys (order bits of the logit,
-//                   then the id); NaN and -inf become ~0, which sorts last
+//   keys_kernel     grid (dist row, chunk): the CPU's sort order as keys of 32 + id_bits bits (order
+//                   bits of the logit, then the id); NaN and -inf become all ones, which sort last
 //   cub segmented radix sort of the keys, one segment per dist row
-//   dist_kernel     grid (dist row): top-k cut, weights in parallel, then one thread runs the
-//                   serial left-to-right sums of top-p, min-p and the Philox draw, so every float
-//                   operation matches the CPU's (no FMA contraction: explicit _rn intrinsics)
+//   dist_kernel     grid (dist row): top-k cut, weights, the chunk sums of top-p and the draw and
+//                   the min-p cut in parallel; one thread runs the running totals over the chunk
+//                   sums (n/32 adds) and the last chunk, so every float operation matches the
+//                   CPU's (no FMA contraction: explicit _rn intrinsics)
 //   chosen_logprob_kernel: log_softmax(raw)[chosen] for the lp rows
 #include <cfloat>
+#include <climits>
 
 #include <cub/device/device_segmented_radix_sort.cuh>
 
@@ -95,22 +97,27 @@ greedy_kernel(float* __restrict__ logits, int64_t n_vocab, const GreedyRowParams
     }
 }
 
-__device__ __forceinline__ uint64_t sort_key(float l, uint32_t id) {
+// Sort keys: the logit's order bits (larger first) above the id (lower first), in 32 + id_bits
+// bits so the radix sort runs only over bits that can differ (49 for a 128k vocabulary).
+__device__ __forceinline__ uint64_t sort_key(float l, uint32_t id, int id_bits) {
     l = __fadd_rn(fminf(l, FLT_MAX), 0.0f);  // +inf -> FLT_MAX; -0 -> +0 so it ties with +0
     uint32_t u = __float_as_uint(l);
     u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-    return (uint64_t(~u) << 32) | id;
+    return (uint64_t(~u) << id_bits) | id;
 }
-constexpr uint64_t k_invalid_key = ~uint64_t(0);
+// Above every valid key (whose top 32 bits are at most ~order(-FLT_MAX) = 0xFF7FFFFF), so NaN
+// and -inf sort last.
+__host__ __device__ constexpr uint64_t invalid_key(int id_bits) { return (uint64_t(1) << (32 + id_bits)) - 1; }
 
-__global__ void keys_kernel(const float* __restrict__ logits, int64_t n_vocab, const DistRowParams* __restrict__ dist,
-                            uint64_t* __restrict__ keys) {
+__global__ void keys_kernel(const float* __restrict__ logits, int64_t n_vocab, int id_bits,
+                            const DistRowParams* __restrict__ dist, uint64_t* __restrict__ keys) {
     const int64_t j = blockIdx.y;
     const float* l = logits + int64_t(dist[j].row) * n_vocab;
     uint64_t* k = keys + j * n_vocab;
+    const uint64_t bad = invalid_key(id_bits);
     for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n_vocab; i += int64_t(gridDim.x) * blockDim.x) {
         const float v = l[i];
-        k[i] = (v != v || v == -INFINITY) ? k_invalid_key : sort_key(v, uint32_t(i));
+        k[i] = (v != v || v == -INFINITY) ? bad : sort_key(v, uint32_t(i), id_bits);
     }
 }
 
@@ -124,19 +131,93 @@ __device__ __forceinline__ int block_sum_int(int v, int* s_tmp) {
     return t;
 }
 
-// weights: [n_dist, n_vocab] scratch.
+__device__ __forceinline__ int block_min_int(int v, int* s_tmp) {
+    for (int off = 16; off > 0; off >>= 1) v = min(v, __shfl_xor_sync(0xffffffffu, v, off));
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) s_tmp[threadIdx.x >> 5] = v;
+    __syncthreads();
+    int t = INT_MAX;
+    for (int w = 0; w < int(blockDim.x >> 5); ++w) t = min(t, s_tmp[w]);
+    return t;
+}
+
+constexpr int k_chunk = k_sample_sum_chunk;
+__host__ __device__ constexpr int64_t n_chunks_of(int64_t n) { return (n + k_chunk - 1) / k_chunk; }
+
+// The sums of engine/sampler.h over w[0..n): every chunk's sum in parallel (each left to right),
+// then the running totals run[0..n_chunks] (run[0] = 0, run[c+1] = run[c] + s_c) by one thread:
+// the only serial part, n / 32 adds.
+__device__ void chunked_totals(const float* w, int n, float* cs, float* run) {
+    const int n_chunks = int(n_chunks_of(n));
+    for (int c = threadIdx.x; c < n_chunks; c += blockDim.x) {
+        const int lo = c * k_chunk, hi = min(lo + k_chunk, n);
+        float sum = 0.0f;
+        for (int i = lo; i < hi; ++i) sum = __fadd_rn(sum, w[i]);
+        cs[c] = sum;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float a = 0.0f;
+        run[0] = 0.0f;
+#pragma unroll 8
+        for (int c = 0; c < n_chunks; ++c) {
+            a = __fadd_rn(a, cs[c]);
+            run[c + 1] = a;
+        }
+    }
+    __syncthreads();
+}
+
+// The first j in [0, n) whose running sum passes t (> t when strict, else >= t), for every thread.
+__device__ int first_passing(const float* w, int n, const float* run, float t, bool strict, int* s_tmp, int* s_out) {
+    const int n_chunks = int(n_chunks_of(n));
+    int first = INT_MAX;
+    for (int c = threadIdx.x; c < n_chunks; c += blockDim.x) {
+        const float v = run[c + 1];
+        if (strict ? v > t : v >= t) {
+            first = c;
+            break;
+        }
+    }
+    first = block_min_int(first, s_tmp);
+    if (threadIdx.x == 0) {
+        int r = n - 1;
+        if (first != INT_MAX) {
+            const int hi = min(n, (first + 1) * k_chunk);
+            float a = run[first];
+            r = hi - 1;
+            for (int i = first * k_chunk; i < hi; ++i) {
+                a = __fadd_rn(a, w[i]);
+                if (strict ? a > t : a >= t) {
+                    r = i;
+                    break;
+                }
+            }
+        }
+        *s_out = r;
+    }
+    __syncthreads();
+    return *s_out;
+}
+
+// weights: [n_dist, n_vocab] scratch; sums: [n_dist, 2 * (n_chunks_of(n_vocab) + 1)] scratch.
 __global__ void __launch_bounds__(k_sample_threads)
-dist_kernel(const float* __restrict__ logits, int64_t n_vocab, const DistRowParams* __restrict__ dist,
-            const uint64_t* __restrict__ keys, float* __restrict__ weights, int32_t* __restrict__ out_ids) {
+dist_kernel(const float* __restrict__ logits, int64_t n_vocab, int id_bits, const DistRowParams* __restrict__ dist,
+            const uint64_t* __restrict__ keys, float* __restrict__ weights, float* __restrict__ sums,
+            int32_t* __restrict__ out_ids) {
     __shared__ int s_tmp[k_sample_threads / 32];
+    __shared__ int s_out;
     const int64_t j = blockIdx.x;
     const DistRowParams p = dist[j];
     const float* l = logits + int64_t(p.row) * n_vocab;
     const uint64_t* k = keys + j * n_vocab;
     float* w = weights + j * n_vocab;
+    float* cs = sums + j * 2 * (n_chunks_of(n_vocab) + 1);
+    float* run = cs + n_chunks_of(n_vocab) + 1;
+    const uint64_t bad = invalid_key(id_bits), id_mask = (uint64_t(1) << id_bits) - 1;
     // Step 4: the valid candidates are a prefix of the sorted keys.
     int cnt = 0;
-    for (int64_t i = threadIdx.x; i < n_vocab; i += k_sample_threads) cnt += k[i] != k_invalid_key;
+    for (int64_t i = threadIdx.x; i < n_vocab; i += k_sample_threads) cnt += k[i] != bad;
     const int n_valid = block_sum_int(cnt, s_tmp);
     if (n_valid == 0) {
         if (threadIdx.x == 0) out_ids[p.row] = -1;
@@ -144,51 +225,37 @@ dist_kernel(const float* __restrict__ logits, int64_t n_vocab, const DistRowPara
     }
     // Step 5: top-k.
     const int m = p.top_k > 0 ? min(p.top_k, n_valid) : n_valid;
-    // Step 6: weights relative to the max (candidate 0), count of nonzero ones.
-    const float l0 = fminf(l[uint32_t(k[0])], FLT_MAX);
+    // Step 6: weights relative to the max (candidate 0); the nonzero ones are a prefix.
+    const float l0 = fminf(l[uint32_t(k[0] & id_mask)], FLT_MAX);
     cnt = 0;
     for (int i = threadIdx.x; i < m; i += k_sample_threads) {
-        const float li = fminf(l[uint32_t(k[i])], FLT_MAX);
+        const float li = fminf(l[uint32_t(k[i] & id_mask)], FLT_MAX);
         const float wi = det_expf(__fmul_rn(__fsub_rn(li, l0), p.inv_temperature));
         w[i] = wi;
         cnt += wi > 0.0f;
     }
     int n_keep = block_sum_int(cnt, s_tmp);  // ends with __syncthreads: w is visible
-    if (threadIdx.x != 0) return;
-    // Step 7: top-p, serial sums left to right.
+    // Step 7: top-p.
     if (p.top_p < 1.0f) {
-        float sum = 0.0f;
-        for (int i = 0; i < n_keep; ++i) sum = __fadd_rn(sum, w[i]);
-        const float target = __fmul_rn(p.top_p, sum);
-        float cum = 0.0f;
-        for (int i = 0; i < n_keep; ++i) {
-            cum = __fadd_rn(cum, w[i]);
-            if (cum >= target) {
-                n_keep = i + 1;
+        chunked_totals(w, n_keep, cs, run);
+        const float target = __fmul_rn(p.top_p, run[n_chunks_of(n_keep)]);
+        n_keep = first_passing(w, n_keep, run, target, false, s_tmp, &s_out) + 1;
+    }
+    // Step 8: min-p, the longest prefix with w >= min_p (w_0 = 1 always stays).
+    if (p.min_p > 0.0f) {
+        int first = n_keep;
+        for (int i = 1 + threadIdx.x; i < n_keep; i += k_sample_threads)
+            if (w[i] < p.min_p) {
+                first = i;
                 break;
             }
-        }
-    }
-    // Step 8: min-p.
-    if (p.min_p > 0.0f) {
-        int nk = 1;
-        while (nk < n_keep && w[nk] >= p.min_p) ++nk;
-        n_keep = nk;
+        n_keep = block_min_int(first, s_tmp);
     }
     // Step 9: the draw.
-    float sum = 0.0f;
-    for (int i = 0; i < n_keep; ++i) sum = __fadd_rn(sum, w[i]);
-    const float target = __fmul_rn(philox_uniform(p.seed, p.token_index), sum);
-    float cum = 0.0f;
-    int sel = n_keep - 1;
-    for (int i = 0; i < n_keep; ++i) {
-        cum = __fadd_rn(cum, w[i]);
-        if (cum > target) {
-            sel = i;
-            break;
-        }
-    }
-    out_ids[p.row] = int32_t(uint32_t(k[sel]));
+    chunked_totals(w, n_keep, cs, run);
+    const float target = __fmul_rn(philox_uniform(p.seed, p.token_index), run[n_chunks_of(n_keep)]);
+    const int sel = first_passing(w, n_keep, run, target, true, s_tmp, &s_out);
+    if (threadIdx.x == 0) out_ids[p.row] = int32_t(uint32_t(k[sel] & id_mask));
 }
 
 // (lp, id) order of top_logprobs: larger logprob first, then lower id.
@@ -303,14 +370,23 @@ __global__ void chosen_logprob_kernel(int64_t n_lp, int64_t n_vocab, const Logpr
 
 size_t align_up(size_t v) { return (v + 255) & ~size_t(255); }
 
+// Bits that hold an id below n_vocab.
+int id_bits_of(int64_t n_vocab) {
+    int b = 1;
+    while ((int64_t(1) << b) < n_vocab) ++b;
+    return b;
+}
+
 size_t cub_temp_bytes(int64_t n_vocab, int64_t n_dist) {
     size_t bytes = 0;
-    CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortKeys(nullptr, bytes, static_cast<const uint64_t*>(nullptr),
-                                                       static_cast<uint64_t*>(nullptr), n_vocab * n_dist, int(n_dist),
-                                                       static_cast<const int64_t*>(nullptr),
-                                                       static_cast<const int64_t*>(nullptr), 0, 64, cudaStream_t(0)));
+    CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortKeys(
+        nullptr, bytes, static_cast<const uint64_t*>(nullptr), static_cast<uint64_t*>(nullptr), n_vocab * n_dist,
+        int(n_dist), static_cast<const int64_t*>(nullptr), static_cast<const int64_t*>(nullptr), 0,
+        32 + id_bits_of(n_vocab), cudaStream_t(0)));
     return bytes;
 }
+
+size_t sums_floats(int64_t n_vocab, int64_t n_dist) { return size_t(n_dist) * 2 * size_t(n_chunks_of(n_vocab) + 1); }
 
 __global__ void offsets_kernel(int64_t n_dist, int64_t n_vocab, int64_t* __restrict__ off) {
     const int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -324,7 +400,8 @@ size_t sample_workspace_bytes(int64_t n_vocab, int64_t n_dist, int64_t n_lp) {
     if (n_lp > 0) b += align_up(size_t(n_lp * n_vocab) * 4) + align_up(size_t(n_lp) * 8);
     if (n_dist > 0)
         b += 2 * align_up(size_t(n_dist * n_vocab) * 8) + align_up(size_t(n_dist * n_vocab) * 4) +
-             align_up(size_t(n_dist + 1) * 8) + align_up(cub_temp_bytes(n_vocab, n_dist));
+             align_up(sums_floats(n_vocab, n_dist) * 4) + align_up(size_t(n_dist + 1) * 8) +
+             align_up(cub_temp_bytes(n_vocab, n_dist));
     return b;
 }
 
@@ -355,18 +432,20 @@ void sample_rows(float* logits, int64_t n_rows, int64_t n_vocab, const GreedyRow
         auto* keys_in = reinterpret_cast<uint64_t*>(take(size_t(n_dist * n_vocab) * 8));
         auto* keys_out = reinterpret_cast<uint64_t*>(take(size_t(n_dist * n_vocab) * 8));
         auto* weights = reinterpret_cast<float*>(take(size_t(n_dist * n_vocab) * 4));
+        auto* sums = reinterpret_cast<float*>(take(sums_floats(n_vocab, n_dist) * 4));
         auto* off = reinterpret_cast<int64_t*>(take(size_t(n_dist + 1) * 8));
         size_t temp_bytes = cub_temp_bytes(n_vocab, n_dist);
         void* temp = take(temp_bytes);
         offsets_kernel<<<unsigned((n_dist + 1 + 255) / 256), 256, 0, stream>>>(n_dist, n_vocab, off);
         CUDA_CHECK_LAUNCH();
         const unsigned chunks = unsigned(std::min<int64_t>((n_vocab + 1023) / 1024, 64));
-        keys_kernel<<<dim3(chunks, unsigned(n_dist)), 256, 0, stream>>>(logits, n_vocab, dist, keys_in);
+        const int id_bits = id_bits_of(n_vocab);
+        keys_kernel<<<dim3(chunks, unsigned(n_dist)), 256, 0, stream>>>(logits, n_vocab, id_bits, dist, keys_in);
         CUDA_CHECK_LAUNCH();
         CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortKeys(temp, temp_bytes, keys_in, keys_out, n_vocab * n_dist,
-                                                           int(n_dist), off, off + 1, 0, 64, stream));
-        dist_kernel<<<unsigned(n_dist), k_sample_threads, 0, stream>>>(logits, n_vocab, dist, keys_out, weights,
-                                                                        out_ids);
+                                                           int(n_dist), off, off + 1, 0, 32 + id_bits, stream));
+        dist_kernel<<<unsigned(n_dist), k_sample_threads, 0, stream>>>(logits, n_vocab, id_bits, dist, keys_out,
+                                                                        weights, sums, out_ids);
         CUDA_CHECK_LAUNCH();
     }
     if (n_lp > 0) {

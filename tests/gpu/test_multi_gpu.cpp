@@ -88,11 +88,12 @@ TEST_CASE("two engines on cuda:0 and cuda:1 serve side by side, each on its own 
     Engine e0(io.get_executor(), options("cuda:0", 1024));
     const size_t free0 = free_bytes(0), free1 = free_bytes(1);
     REQUIRE(cudaSetDevice(0) == cudaSuccess);
-    Engine e1(io.get_executor(), options("cuda:1", 0));  // its pool takes most of cuda:1
+    Engine e1(io.get_executor(), options("cuda:1", 0));  // pool sized from cuda:1's free memory
     const size_t free0_after = free_bytes(0), free1_after = free_bytes(1);
     MESSAGE("cuda:1 engine took " << (free1 - free1_after) / (1 << 20) << " MiB of cuda:1 and "
                                   << (free0 - std::min(free0, free0_after)) / (1 << 20) << " MiB of cuda:0");
-    CHECK(free1 - free1_after > (size_t(8) << 30));
+    // stories260K's pool is capped by tokens, not memory: 0.31 GiB of KV on the card.
+    CHECK(free1 - free1_after > (size_t(256) << 20));
     CHECK(free0 - std::min(free0, free0_after) < (size_t(64) << 20));
 
     std::mt19937 rng(7);

@@ -165,6 +165,67 @@ double chi_square_of_draws(const SamplingParams& params, const std::vector<doubl
 
 }  // namespace
 
+TEST_CASE("top-p and the draw use the chunked sums of sampler.h, over thousands of candidates") {
+    // Equal weights make every sum exact: top_p = 0.5 keeps exactly half, and the draw takes
+    // the candidate floor(u * n) (the first whose running sum n' > u * n).
+    const int n = 1000;
+    std::vector<float> flat(n, 0.25f);
+    CHECK(kept({.top_p = 0.5f}, flat).size() == 500);
+    for (uint64_t t = 0; t < 200; ++t) {
+        Sampler s({.temperature = 1.0f, .seed = 11});
+        std::vector<float> row = flat;
+        CHECK(s.sample(row, t) == int32_t(std::floor(double(philox_uniform(11, t)) * n)));
+    }
+    // Uneven weights: the chain equals the contract written out directly.
+    std::mt19937 rng(5);
+    std::normal_distribution<float> nd(0.0f, 3.0f);
+    for (int r = 0; r < 50; ++r) {
+        std::vector<float> l(4000);
+        for (float& v : l) v = nd(rng);
+        const float top_p = r % 2 ? 0.9f : 1.0f, t = 0.5f + 0.1f * float(r % 7);
+        std::vector<int32_t> order(l.size());
+        for (size_t i = 0; i < l.size(); ++i) order[i] = int32_t(i);
+        std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return l[a] != l[b] ? l[a] > l[b] : a < b; });
+        std::vector<float> w;
+        for (int32_t id : order) w.push_back(det_expf((l[id] - l[order[0]]) * (1.0f / t)));
+        while (!w.empty() && w.back() == 0.0f) w.pop_back();
+        auto chunk_of = [&](size_t n_w, size_t c) {
+            float a = 0.0f;
+            for (size_t i = c * 32; i < std::min(n_w, c * 32 + 32); ++i) a += w[i];
+            return a;
+        };
+        auto first = [&](size_t n_w, float bound, bool strict) {
+            const size_t n_c = (n_w + 31) / 32;
+            float a = 0.0f;
+            for (size_t c = 0; c < n_c; ++c) {
+                const float next = a + chunk_of(n_w, c);
+                if (strict ? next > bound : next >= bound) {
+                    for (size_t i = c * 32; i < std::min(n_w, c * 32 + 32); ++i) {
+                        a += w[i];
+                        if (strict ? a > bound : a >= bound) return i;
+                    }
+                    return std::min(n_w, c * 32 + 32) - 1;
+                }
+                a = next;
+            }
+            return n_w - 1;
+        };
+        auto total = [&](size_t n_w) {
+            float a = 0.0f;
+            for (size_t c = 0; c < (n_w + 31) / 32; ++c) a += chunk_of(n_w, c);
+            return a;
+        };
+        size_t m = w.size();
+        if (top_p < 1.0f) m = first(m, top_p * total(m), false) + 1;
+        const float u = philox_uniform(3, uint64_t(r));
+        const int32_t want = order[first(m, u * total(m), true)];
+        Sampler s({.temperature = t, .top_p = top_p, .seed = 3});
+        CHECK(s.last_candidates().empty());
+        CHECK(s.sample(l, uint64_t(r)) == want);
+        CHECK(s.last_candidates().size() == m);
+    }
+}
+
 TEST_CASE("10,000 seeded draws follow the distribution (chi-square, p = 0.001)") {
     // A fixed seed makes this deterministic. Over 1000 seeds the statistic averaged its degrees
     // of freedom, as it should, so these seeds do not hide a bias.
