@@ -1013,6 +1013,8 @@ void CudaBackend::launch_sample(const Batch& b, std::span<const DeviceSampleRow>
         }
         if (row.n_logprobs > 0) lp.push_back({static_cast<int32_t>(r), row.n_logprobs});
     }
+    // The rows that need the sort first (sample_rows' contract).
+    const auto n_sorted = std::stable_partition(dist.begin(), dist.end(), kn::needs_sort) - dist.begin();
     std::vector<int32_t> hi;
     for (auto* v : {&bias_off, &bias_ids, &pen_off, &pen_ids, &pen_counts}) hi.insert(hi.end(), v->begin(), v->end());
     // One staging buffer: params | dist | lp | bias floats | ints | out ids | out logprobs.
@@ -1033,7 +1035,8 @@ void CudaBackend::launch_sample(const Batch& b, std::span<const DeviceSampleRow>
     if (!hi.empty()) std::memcpy(stage + o_ints, hi.data(), hi.size() * sizeof(int32_t));
     char* dbuf = sample_io_.get(n_bytes, "sampling inputs");
     CUDA_CHECK(cudaMemcpyAsync(dbuf, stage, o_ids, cudaMemcpyHostToDevice, stream_));
-    const size_t ws_bytes = kn::sample_workspace_bytes(c_.n_vocab, int64_t(dist.size()), int64_t(lp.size()));
+    const size_t ws_bytes =
+        kn::sample_workspace_bytes(c_.n_vocab, int64_t(dist.size()), int64_t(n_sorted), int64_t(lp.size()));
     char* ws = ws_bytes ? sample_ws_.get(ws_bytes, "sampling workspace") : nullptr;
     const auto* dints = reinterpret_cast<const int32_t*>(dbuf + o_ints);
     const int32_t* d_bias_off = dints;
@@ -1048,7 +1051,7 @@ void CudaBackend::launch_sample(const Batch& b, std::span<const DeviceSampleRow>
                     reinterpret_cast<const kn::GreedyRowParams*>(dbuf + o_params),
                     bias_ids.empty() ? nullptr : d_bias_off, d_bias_ids, reinterpret_cast<const float*>(dbuf + o_bias),
                     pen_ids.empty() ? nullptr : d_pen_off, d_pen_ids, d_pen_counts,
-                    reinterpret_cast<const kn::DistRowParams*>(dbuf + o_dist), int64_t(dist.size()),
+                    reinterpret_cast<const kn::DistRowParams*>(dbuf + o_dist), int64_t(dist.size()), int64_t(n_sorted),
                     reinterpret_cast<const kn::LogprobRowParams*>(dbuf + o_lp), int64_t(lp.size()), ws, ws_bytes, d_ids,
                     d_lpout, stream_);
     if (prof_) {

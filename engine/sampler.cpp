@@ -41,11 +41,16 @@ void SamplingParams::validate() const {
 
 namespace {
 
-// Sums (sampler.h): each chunk of k_sample_sum_chunk weights left to right from 0.
-void chunk_sums(std::span<const SamplerCandidate> cand, std::vector<float>& out) {
-    const size_t k = k_sample_sum_chunk;
-    out.assign((cand.size() + k - 1) / k, 0.0f);
-    for (size_t i = 0; i < cand.size(); ++i) out[i / k] += cand[i].weight;
+// Sums (sampler.h): each chunk of k_sample_sum_chunk weights left to right from 0. Sorted
+// candidates fall in chunks by position, candidates in id order by id (a chunk holds the ids
+// [32c, 32c + 32), missing ones weighing nothing).
+size_t chunk_of(std::span<const SamplerCandidate> cand, size_t j, bool by_id) {
+    return (by_id ? size_t(cand[j].id) : j) / k_sample_sum_chunk;
+}
+
+void chunk_sums(std::span<const SamplerCandidate> cand, bool by_id, std::vector<float>& out) {
+    out.assign(cand.empty() ? 0 : chunk_of(cand, cand.size() - 1, by_id) + 1, 0.0f);
+    for (size_t j = 0; j < cand.size(); ++j) out[chunk_of(cand, j, by_id)] += cand[j].weight;
 }
 
 float chunked_total(const std::vector<float>& sums) {
@@ -57,9 +62,9 @@ float chunked_total(const std::vector<float>& sums) {
 // The first j whose running sum passes t (> t when strict, else >= t): first the chunk whose
 // running total passes, then the weights of that chunk added to the total before it. The
 // chunk's last (or the very last) candidate when rounding leaves none.
-size_t first_passing(std::span<const SamplerCandidate> cand, const std::vector<float>& sums, float t, bool strict) {
+size_t first_passing(std::span<const SamplerCandidate> cand, bool by_id, const std::vector<float>& sums, float t,
+                     bool strict) {
     auto passes = [&](float v) { return strict ? v > t : v >= t; };
-    const size_t k = k_sample_sum_chunk;
     float a = 0.0f;
     size_t c = 0;
     for (; c < sums.size(); ++c) {
@@ -68,12 +73,19 @@ size_t first_passing(std::span<const SamplerCandidate> cand, const std::vector<f
         a = next;
     }
     if (c == sums.size()) return cand.size() - 1;
-    const size_t hi = std::min(cand.size(), (c + 1) * k);
-    for (size_t j = c * k; j < hi; ++j) {
+    size_t j = 0;  // the chunk's first candidate (chunks are contiguous either way)
+    if (by_id) {
+        j = size_t(std::lower_bound(cand.begin(), cand.end(), int32_t(c * k_sample_sum_chunk),
+                                    [](const SamplerCandidate& x, int32_t id) { return x.id < id; }) -
+                   cand.begin());
+    } else {
+        j = c * k_sample_sum_chunk;
+    }
+    for (; j < cand.size() && chunk_of(cand, j, by_id) == c; ++j) {
         a += cand[j].weight;
         if (passes(a)) return j;
     }
-    return hi - 1;
+    return j - 1;
 }
 
 // Sort order of step 4: logit descending, then lower id first. A strict total order, so every
@@ -156,12 +168,24 @@ public:
     }
 };
 
-// Steps 4 and 5: build the sorted candidate list, cut to the first k (k == 0: all).
+// Steps 4 and 5: build the candidate list (sorted when `sort`, else in id order), cut to the
+// first k (k == 0: all).
 class TopKStage final : public SamplerStage {
 public:
-    explicit TopKStage(int32_t k) : k_(k) {}
-    const char* name() const override { return k_ > 0 ? "top_k" : "sort"; }
+    TopKStage(int32_t k, bool sort) : k_(k), sort_(sort || k > 0) {}
+    const char* name() const override { return k_ > 0 ? "top_k" : sort_ ? "sort" : "candidates"; }
     void apply(SamplerRow& row) override {
+        if (!sort_) {
+            auto& cand = row.candidates;
+            cand.clear();
+            for (size_t i = 0; i < row.logits.size(); ++i) {
+                const float l = row.logits[i];
+                if (std::isnan(l) || l == -INFINITY) continue;
+                cand.push_back({int32_t(i), std::min(l, FLT_MAX), 0.0f});
+            }
+            if (cand.empty()) throw_error("sampling: every token is banned (all logits are -inf or NaN)");
+            return;
+        }
         // Sorting 64-bit keys is about 3x faster than sorting candidates with candidate_before,
         // and gives the same order: high half = ~(order-preserving bits of the logit), so larger
         // logits come first; low half = id, so ties go to the lower id.
@@ -196,28 +220,28 @@ private:
     }
 
     int32_t k_;
+    bool sort_;
     std::vector<uint64_t> keys_;  // scratch reused between calls
 };
 
 // Step 6: weights relative to the max, at temperature t.
 class TemperatureStage final : public SamplerStage {
 public:
-    explicit TemperatureStage(float t) : inv_t_(1.0f / t) {}
+    TemperatureStage(float t, bool sorted) : inv_t_(1.0f / t), sorted_(sorted) {}
     const char* name() const override { return "temperature"; }
     void apply(SamplerRow& row) override {
         auto& cand = row.candidates;
-        const float l_max = cand.front().logit;
-        size_t n_keep = 0;
-        for (auto& c : cand) {
-            c.weight = det_expf((c.logit - l_max) * inv_t_);
-            if (c.weight > 0.0f) ++n_keep;
-        }
-        // Weights fall (weakly) along the sorted order, so the zeros form a suffix; w_0 = 1.
-        cand.resize(n_keep);
+        float l_max = cand.front().logit;
+        if (!sorted_)
+            for (const auto& c : cand) l_max = std::max(l_max, c.logit);
+        for (auto& c : cand) c.weight = det_expf((c.logit - l_max) * inv_t_);
+        // Sorted, the weights fall (weakly), so the zeros form a suffix; w_0 = 1.
+        std::erase_if(cand, [](const SamplerCandidate& c) { return c.weight == 0.0f; });
     }
 
 private:
     float inv_t_;
+    bool sorted_;
 };
 
 // Step 7.
@@ -227,9 +251,9 @@ public:
     const char* name() const override { return "top_p"; }
     void apply(SamplerRow& row) override {
         auto& cand = row.candidates;
-        chunk_sums(cand, sums_);
+        chunk_sums(cand, false, sums_);  // top-p runs on sorted candidates only
         const float target = p_ * chunked_total(sums_);
-        cand.resize(first_passing(cand, sums_, target, false) + 1);
+        cand.resize(first_passing(cand, false, sums_, target, false) + 1);
     }
 
 private:
@@ -240,10 +264,14 @@ private:
 // Step 8.
 class MinPStage final : public SamplerStage {
 public:
-    explicit MinPStage(float p) : p_(p) {}
+    MinPStage(float p, bool sorted) : p_(p), sorted_(sorted) {}
     const char* name() const override { return "min_p"; }
     void apply(SamplerRow& row) override {
         auto& cand = row.candidates;
+        if (!sorted_) {
+            std::erase_if(cand, [&](const SamplerCandidate& c) { return !(c.weight >= p_); });
+            return;
+        }
         size_t n_keep = 1;  // w_0 = 1 >= any min_p
         while (n_keep < cand.size() && cand[n_keep].weight >= p_) ++n_keep;
         cand.resize(n_keep);
@@ -251,22 +279,24 @@ public:
 
 private:
     float p_;
+    bool sorted_;
 };
 
 // Step 9: inverse CDF over the kept prefix with the request's counter-based uniform.
 class DistStage final : public SamplerStage {
 public:
-    explicit DistStage(uint64_t seed) : seed_(seed) {}
+    DistStage(uint64_t seed, bool sorted) : seed_(seed), by_id_(!sorted) {}
     const char* name() const override { return "dist"; }
     void apply(SamplerRow& row) override {
         const auto& cand = row.candidates;
-        chunk_sums(cand, sums_);
+        chunk_sums(cand, by_id_, sums_);
         const float target = philox_uniform(seed_, row.token_index) * chunked_total(sums_);
-        row.selected = cand[first_passing(cand, sums_, target, true)].id;
+        row.selected = cand[first_passing(cand, by_id_, sums_, target, true)].id;
     }
 
 private:
     uint64_t seed_;
+    bool by_id_;
     std::vector<float> sums_;  // scratch
 };
 
@@ -285,11 +315,13 @@ Sampler::Sampler(SamplingParams params) : params_(std::move(params)) {
         stages_.push_back(std::make_unique<GreedyStage>());
         return;
     }
-    stages_.push_back(std::make_unique<TopKStage>(p.top_k));
-    stages_.push_back(std::make_unique<TemperatureStage>(p.temperature));
+    // Only top-k and top-p need the candidates in logit order (sampler.h, step 4).
+    const bool sorted = p.top_k > 0 || p.top_p < 1.0f;
+    stages_.push_back(std::make_unique<TopKStage>(p.top_k, sorted));
+    stages_.push_back(std::make_unique<TemperatureStage>(p.temperature, sorted));
     if (p.top_p < 1.0f) stages_.push_back(std::make_unique<TopPStage>(p.top_p));
-    if (p.min_p > 0.0f) stages_.push_back(std::make_unique<MinPStage>(p.min_p));
-    stages_.push_back(std::make_unique<DistStage>(p.seed));
+    if (p.min_p > 0.0f) stages_.push_back(std::make_unique<MinPStage>(p.min_p, sorted));
+    stages_.push_back(std::make_unique<DistStage>(p.seed, sorted));
 }
 
 Sampler::~Sampler() = default;

@@ -12,24 +12,25 @@
 //                     : l * rp; then frequency/presence (OpenAI): l -= c*freq + presence.
 //  3. temperature<1e-5 greedy (vLLM's epsilon; 0 is the usual spelling): the largest l, lowest
 //                     id on ties; NaN is skipped. Done.
-//  4. candidates      every id whose l is neither NaN nor -inf (+inf is clamped to FLT_MAX),
-//                     sorted by l descending, ties by lower id. This order is part of the
-//                     contract: all later stages keep a prefix of it.
+//  4. candidates      every id whose l is neither NaN nor -inf (+inf is clamped to FLT_MAX).
+//                     With top-k or top-p on: sorted by l descending, ties by lower id, and
+//                     every later stage keeps a prefix of that order. Otherwise in id order
+//                     (no stage needs the logit order, so a device skips the sort).
 //  5. top-k           (k > 0) keep the first k.
-//  6. temperature     weights w_j = det_expf((l_j - l_0) * (1.0f / t)), so w_0 = 1 (l_0 is the
-//                     max). Temperature comes before top-p/min-p (vLLM / OpenAI semantics: the
+//  6. temperature     weights w_j = det_expf((l_j - l_max) * (1.0f / t)), so the max weighs 1. Temperature comes before top-p/min-p (vLLM / OpenAI semantics: the
 //                     nucleus is taken from the distribution actually sampled). Weights that
 //                     underflow to 0 can never be drawn and are dropped; this changes nothing.
 //  7. top-p           (top_p < 1) with S the sum of the weights and cum_k the running sum to
 //                     candidate k (both as in "Sums"): keep the smallest k with
 //                     cum_k >= top_p * S.
-//  8. min-p           (min_p > 0) keep the longest prefix with w_j >= min_p (that is,
-//                     p_j >= min_p * p_max, since w_0 = 1).
+//  8. min-p           (min_p > 0) keep the candidates with w_j >= min_p (p_j >= min_p * p_max);
+//                     sorted, the longest prefix with w_j >= min_p.
 //  9. draw            u = philox_uniform(seed, n); T = u * S over the m kept candidates;
 //                     pick the first j with cum_j > T (the last kept one if rounding leaves
 //                     none).
-// Sums: the weights, in candidate order, fall in chunks of k_sample_sum_chunk (32; the last may
-// be shorter). A chunk sums left to right from 0; S is the left-to-right sum of the chunk sums.
+// Sums: the weights, in candidate order, fall in chunks of k_sample_sum_chunk (32): sorted
+// candidates by position (the last chunk may be shorter), candidates in id order by id (chunk c
+// holds the ids [32c, 32c + 32); dropped ids weigh nothing, and adding 0 is exact). A chunk sums left to right from 0; S is the left-to-right sum of the chunk sums.
 // The first j whose running sum passes a bound is found the same way: the first chunk c with
 // A_c + s_c passing it (A_c the running total of the chunks before c, s_c the chunk's sum; the
 // last candidate if none does), then within c the first j with A_c + w_first + ... + w_j

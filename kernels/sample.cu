@@ -168,8 +168,10 @@ __device__ void chunked_totals(const float* w, int n, float* cs, float* run) {
     __syncthreads();
 }
 
-// The first j in [0, n) whose running sum passes t (> t when strict, else >= t), for every thread.
-__device__ int first_passing(const float* w, int n, const float* run, float t, bool strict, int* s_tmp, int* s_out) {
+// The first j in [0, n) whose running sum passes t (> t when strict, else >= t), for every
+// thread; `last` when no chunk passes, the chunk's last weighted j when rounding leaves none.
+__device__ int first_passing(const float* w, int n, const float* run, float t, bool strict, int last, int* s_tmp,
+                             int* s_out) {
     const int n_chunks = int(n_chunks_of(n));
     int first = INT_MAX;
     for (int c = threadIdx.x; c < n_chunks; c += blockDim.x) {
@@ -181,17 +183,15 @@ __device__ int first_passing(const float* w, int n, const float* run, float t, b
     }
     first = block_min_int(first, s_tmp);
     if (threadIdx.x == 0) {
-        int r = n - 1;
+        int r = last;
         if (first != INT_MAX) {
             const int hi = min(n, (first + 1) * k_chunk);
             float a = run[first];
-            r = hi - 1;
             for (int i = first * k_chunk; i < hi; ++i) {
+                if (!(w[i] > 0.0f)) continue;  // an id that is not a candidate (id order)
+                r = i;
                 a = __fadd_rn(a, w[i]);
-                if (strict ? a > t : a >= t) {
-                    r = i;
-                    break;
-                }
+                if (strict ? a > t : a >= t) break;
             }
         }
         *s_out = r;
@@ -239,7 +239,7 @@ dist_kernel(const float* __restrict__ logits, int64_t n_vocab, int id_bits, cons
     if (p.top_p < 1.0f) {
         chunked_totals(w, n_keep, cs, run);
         const float target = __fmul_rn(p.top_p, run[n_chunks_of(n_keep)]);
-        n_keep = first_passing(w, n_keep, run, target, false, s_tmp, &s_out) + 1;
+        n_keep = first_passing(w, n_keep, run, target, false, n_keep - 1, s_tmp, &s_out) + 1;
     }
     // Step 8: min-p, the longest prefix with w >= min_p (w_0 = 1 always stays).
     if (p.min_p > 0.0f) {
@@ -254,8 +254,63 @@ dist_kernel(const float* __restrict__ logits, int64_t n_vocab, int id_bits, cons
     // Step 9: the draw.
     chunked_totals(w, n_keep, cs, run);
     const float target = __fmul_rn(philox_uniform(p.seed, p.token_index), run[n_chunks_of(n_keep)]);
-    const int sel = first_passing(w, n_keep, run, target, true, s_tmp, &s_out);
+    const int sel = first_passing(w, n_keep, run, target, true, n_keep - 1, s_tmp, &s_out);
     if (threadIdx.x == 0) out_ids[p.row] = int32_t(uint32_t(k[sel] & id_mask));
+}
+
+__device__ __forceinline__ int block_max_int(int v, int* s_tmp) { return -block_min_int(-v, s_tmp); }
+
+__device__ __forceinline__ float block_max_float(float v, float* s_tmp) {
+    for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) s_tmp[threadIdx.x >> 5] = v;
+    __syncthreads();
+    float t = -INFINITY;
+    for (int w = 0; w < int(blockDim.x >> 5); ++w) t = fmaxf(t, s_tmp[w]);
+    return t;
+}
+
+// Dist rows row0.. without top-k and top-p: candidates in id order (sampler.h step 4), so no
+// sort; the chunks are the ids' (a dropped id weighs 0). Same scratch as dist_kernel.
+__global__ void __launch_bounds__(k_sample_threads)
+plain_dist_kernel(const float* __restrict__ logits, int64_t n_vocab, const DistRowParams* __restrict__ dist,
+                  int64_t row0, float* __restrict__ weights, float* __restrict__ sums, int32_t* __restrict__ out_ids) {
+    __shared__ float s_f[k_sample_threads / 32];
+    __shared__ int s_tmp[k_sample_threads / 32];
+    __shared__ int s_out;
+    const int64_t j = row0 + blockIdx.x;
+    const DistRowParams p = dist[j];
+    const float* l = logits + int64_t(p.row) * n_vocab;
+    float* w = weights + j * n_vocab;
+    float* cs = sums + j * 2 * (n_chunks_of(n_vocab) + 1);
+    float* run = cs + n_chunks_of(n_vocab) + 1;
+    const int n = int(n_vocab);
+    float mx = -INFINITY;
+    for (int i = threadIdx.x; i < n; i += k_sample_threads) {
+        const float v = l[i];
+        if (v == v && v != -INFINITY) mx = fmaxf(mx, fminf(v, FLT_MAX));
+    }
+    const float l_max = block_max_float(mx, s_f);
+    if (l_max == -INFINITY) {
+        if (threadIdx.x == 0) out_ids[p.row] = -1;
+        return;
+    }
+    int last = -1;
+    for (int i = threadIdx.x; i < n; i += k_sample_threads) {
+        const float v = l[i];
+        float wi = 0.0f;
+        if (v == v && v != -INFINITY) {
+            wi = det_expf(__fmul_rn(__fsub_rn(fminf(v, FLT_MAX), l_max), p.inv_temperature));
+            if (p.min_p > 0.0f && !(wi >= p.min_p)) wi = 0.0f;
+        }
+        w[i] = wi;
+        if (wi > 0.0f) last = i;
+    }
+    last = block_max_int(last, s_tmp);  // ends with __syncthreads: w is visible
+    chunked_totals(w, n, cs, run);
+    const float target = __fmul_rn(philox_uniform(p.seed, p.token_index), run[n_chunks_of(n)]);
+    const int sel = first_passing(w, n, run, target, true, last, s_tmp, &s_out);
+    if (threadIdx.x == 0) out_ids[p.row] = sel;
 }
 
 // (lp, id) order of top_logprobs: larger logprob first, then lower id.
@@ -395,23 +450,24 @@ __global__ void offsets_kernel(int64_t n_dist, int64_t n_vocab, int64_t* __restr
 
 }  // namespace
 
-size_t sample_workspace_bytes(int64_t n_vocab, int64_t n_dist, int64_t n_lp) {
+size_t sample_workspace_bytes(int64_t n_vocab, int64_t n_dist, int64_t n_sorted, int64_t n_lp) {
     size_t b = 0;
     if (n_lp > 0) b += align_up(size_t(n_lp * n_vocab) * 4) + align_up(size_t(n_lp) * 8);
-    if (n_dist > 0)
-        b += 2 * align_up(size_t(n_dist * n_vocab) * 8) + align_up(size_t(n_dist * n_vocab) * 4) +
-             align_up(sums_floats(n_vocab, n_dist) * 4) + align_up(size_t(n_dist + 1) * 8) +
-             align_up(cub_temp_bytes(n_vocab, n_dist));
+    if (n_dist > 0) b += align_up(size_t(n_dist * n_vocab) * 4) + align_up(sums_floats(n_vocab, n_dist) * 4);
+    if (n_sorted > 0)
+        b += 2 * align_up(size_t(n_sorted * n_vocab) * 8) + align_up(size_t(n_sorted + 1) * 8) +
+             align_up(cub_temp_bytes(n_vocab, n_sorted));
     return b;
 }
 
 void sample_rows(float* logits, int64_t n_rows, int64_t n_vocab, const GreedyRowParams* params,
                  const int32_t* bias_off, const int32_t* bias_ids, const float* bias_vals, const int32_t* pen_off,
                  const int32_t* pen_ids, const int32_t* pen_counts, const DistRowParams* dist, int64_t n_dist,
-                 const LogprobRowParams* lp, int64_t n_lp, void* workspace, size_t workspace_bytes,
-                 int32_t* out_ids, LogprobOut* out_lp, cudaStream_t stream) {
+                 int64_t n_sorted, const LogprobRowParams* lp, int64_t n_lp, void* workspace,
+                 size_t workspace_bytes, int32_t* out_ids, LogprobOut* out_lp, cudaStream_t stream) {
     if (n_rows <= 0) return;
-    if (workspace_bytes < sample_workspace_bytes(n_vocab, n_dist, n_lp))
+    if (n_sorted < 0 || n_sorted > n_dist) throw std::runtime_error("sample_rows: n_sorted out of range");
+    if (workspace_bytes < sample_workspace_bytes(n_vocab, n_dist, n_sorted, n_lp))
         throw std::runtime_error("sample_rows: workspace too small");
     auto* ws = static_cast<char*>(workspace);
     auto take = [&](size_t bytes) {
@@ -429,24 +485,31 @@ void sample_rows(float* logits, int64_t n_rows, int64_t n_vocab, const GreedyRow
     sample_greedy(logits, n_rows, n_vocab, params, bias_off, bias_ids, bias_vals, pen_off, pen_ids, pen_counts, out_ids,
                   stream);
     if (n_dist > 0) {
-        auto* keys_in = reinterpret_cast<uint64_t*>(take(size_t(n_dist * n_vocab) * 8));
-        auto* keys_out = reinterpret_cast<uint64_t*>(take(size_t(n_dist * n_vocab) * 8));
         auto* weights = reinterpret_cast<float*>(take(size_t(n_dist * n_vocab) * 4));
         auto* sums = reinterpret_cast<float*>(take(sums_floats(n_vocab, n_dist) * 4));
-        auto* off = reinterpret_cast<int64_t*>(take(size_t(n_dist + 1) * 8));
-        size_t temp_bytes = cub_temp_bytes(n_vocab, n_dist);
-        void* temp = take(temp_bytes);
-        offsets_kernel<<<unsigned((n_dist + 1 + 255) / 256), 256, 0, stream>>>(n_dist, n_vocab, off);
-        CUDA_CHECK_LAUNCH();
-        const unsigned chunks = unsigned(std::min<int64_t>((n_vocab + 1023) / 1024, 64));
-        const int id_bits = id_bits_of(n_vocab);
-        keys_kernel<<<dim3(chunks, unsigned(n_dist)), 256, 0, stream>>>(logits, n_vocab, id_bits, dist, keys_in);
-        CUDA_CHECK_LAUNCH();
-        CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortKeys(temp, temp_bytes, keys_in, keys_out, n_vocab * n_dist,
-                                                           int(n_dist), off, off + 1, 0, 32 + id_bits, stream));
-        dist_kernel<<<unsigned(n_dist), k_sample_threads, 0, stream>>>(logits, n_vocab, id_bits, dist, keys_out,
-                                                                        weights, sums, out_ids);
-        CUDA_CHECK_LAUNCH();
+        if (n_sorted > 0) {
+            auto* keys_in = reinterpret_cast<uint64_t*>(take(size_t(n_sorted * n_vocab) * 8));
+            auto* keys_out = reinterpret_cast<uint64_t*>(take(size_t(n_sorted * n_vocab) * 8));
+            auto* off = reinterpret_cast<int64_t*>(take(size_t(n_sorted + 1) * 8));
+            size_t temp_bytes = cub_temp_bytes(n_vocab, n_sorted);
+            void* temp = take(temp_bytes);
+            offsets_kernel<<<unsigned((n_sorted + 1 + 255) / 256), 256, 0, stream>>>(n_sorted, n_vocab, off);
+            CUDA_CHECK_LAUNCH();
+            const unsigned chunks = unsigned(std::min<int64_t>((n_vocab + 1023) / 1024, 64));
+            const int id_bits = id_bits_of(n_vocab);
+            keys_kernel<<<dim3(chunks, unsigned(n_sorted)), 256, 0, stream>>>(logits, n_vocab, id_bits, dist, keys_in);
+            CUDA_CHECK_LAUNCH();
+            CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortKeys(temp, temp_bytes, keys_in, keys_out, n_vocab * n_sorted,
+                                                               int(n_sorted), off, off + 1, 0, 32 + id_bits, stream));
+            dist_kernel<<<unsigned(n_sorted), k_sample_threads, 0, stream>>>(logits, n_vocab, id_bits, dist, keys_out,
+                                                                              weights, sums, out_ids);
+            CUDA_CHECK_LAUNCH();
+        }
+        if (n_dist > n_sorted) {
+            plain_dist_kernel<<<unsigned(n_dist - n_sorted), k_sample_threads, 0, stream>>>(
+                logits, n_vocab, dist, n_sorted, weights, sums, out_ids);
+            CUDA_CHECK_LAUNCH();
+        }
     }
     if (n_lp > 0) {
         chosen_logprob_kernel<<<unsigned((n_lp + 127) / 128), 128, 0, stream>>>(n_lp, n_vocab, lp, raw, terms, out_ids,

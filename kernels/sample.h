@@ -32,6 +32,9 @@ struct DistRowParams {
     uint32_t pad_;
     uint64_t seed, token_index;
 };
+// Rows with top-k or top-p draw from their candidates in logit order and need the sort; the
+// others draw in id order without one (engine/sampler.h step 4).
+inline bool needs_sort(const DistRowParams& p) { return p.top_k > 0 || p.top_p < 1.0f; }
 
 // Top-n logprobs of a raw row (before bias and penalties) and the chosen token's logprob.
 inline constexpr int32_t k_max_device_logprobs = 20;
@@ -47,16 +50,17 @@ struct LogprobOut {
 };
 
 // Device scratch sample_rows needs.
-size_t sample_workspace_bytes(int64_t n_vocab, int64_t n_dist, int64_t n_lp);
+size_t sample_workspace_bytes(int64_t n_vocab, int64_t n_dist, int64_t n_sorted, int64_t n_lp);
 
 // The whole chain for n_rows rows of logits [n_rows, n_vocab]: logprobs of the listed rows
 // from the raw logits, then bias/penalties and greedy for every row (as sample_greedy), then the
 // full chain (sort, top-k, temperature, top-p, min-p, Philox draw keyed by (seed, token_index))
-// for the n_dist listed rows, whose out_ids are overwritten. dist and lp live in device memory.
+// for the n_dist listed rows, whose out_ids are overwritten. The first n_sorted of them are the
+// ones that need_sort(); the rest skip the sort. dist and lp live in device memory.
 void sample_rows(float* logits, int64_t n_rows, int64_t n_vocab, const GreedyRowParams* params,
                  const int32_t* bias_off, const int32_t* bias_ids, const float* bias_vals, const int32_t* pen_off,
                  const int32_t* pen_ids, const int32_t* pen_counts, const DistRowParams* dist, int64_t n_dist,
-                 const LogprobRowParams* lp, int64_t n_lp, void* workspace, size_t workspace_bytes,
-                 int32_t* out_ids, LogprobOut* out_lp, cudaStream_t stream);
+                 int64_t n_sorted, const LogprobRowParams* lp, int64_t n_lp, void* workspace,
+                 size_t workspace_bytes, int32_t* out_ids, LogprobOut* out_lp, cudaStream_t stream);
 
 }  // namespace coinfer::kernels

@@ -421,6 +421,7 @@ TEST_CASE("gpu: the on-device sampling chain picks what the CPU Sampler picks, a
             }
             if (p.n_logprobs) lp.push_back({r, p.n_logprobs});
         }
+        const auto n_sorted = std::stable_partition(dist.begin(), dist.end(), kn::needs_sort) - dist.begin();
         auto up = [](const auto& v) {
             void* d = nullptr;
             const size_t bytes = std::max<size_t>(1, v.size() * sizeof(v[0]));
@@ -434,7 +435,8 @@ TEST_CASE("gpu: the on-device sampling chain picks what the CPU Sampler picks, a
             return owned.back();
         };
         auto* d_logits = static_cast<float*>(U(logits));
-        const size_t ws_bytes = kn::sample_workspace_bytes(n_vocab, int64_t(dist.size()), int64_t(lp.size()));
+        const size_t ws_bytes =
+            kn::sample_workspace_bytes(n_vocab, int64_t(dist.size()), int64_t(n_sorted), int64_t(lp.size()));
         void* ws = nullptr;
         CUDA_CHECK(cudaMalloc(&ws, ws_bytes));
         owned.push_back(ws);
@@ -446,7 +448,7 @@ TEST_CASE("gpu: the on-device sampling chain picks what the CPU Sampler picks, a
                         static_cast<int32_t*>(U(bias_off)), static_cast<int32_t*>(U(bias_ids)),
                         static_cast<float*>(U(bias_vals)), static_cast<int32_t*>(U(pen_off)),
                         static_cast<int32_t*>(U(pen_ids)), static_cast<int32_t*>(U(pen_counts)),
-                        static_cast<kn::DistRowParams*>(U(dist)), int64_t(dist.size()),
+                        static_cast<kn::DistRowParams*>(U(dist)), int64_t(dist.size()), int64_t(n_sorted),
                         static_cast<kn::LogprobRowParams*>(U(lp)), int64_t(lp.size()), ws, ws_bytes, d_ids, d_lp,
                         nullptr);
         CUDA_CHECK(cudaMemcpy(got.data(), d_ids, got.size() * 4, cudaMemcpyDeviceToHost));
@@ -485,7 +487,7 @@ TEST_CASE("gpu: the on-device sampling chain picks what the CPU Sampler picks, a
                 if (std::isfinite(cl)) lp_err = std::max(lp_err, std::abs(got_lp[j].chosen - cl));
             }
         }
-        MESSAGE("sampling n_vocab " << n_vocab << ": " << n_rows << " rows (" << dist.size() << " full chain, "
+        MESSAGE("sampling n_vocab " << n_vocab << ": " << n_rows << " rows (" << dist.size() << " full chain, " << n_sorted << " of them sorted, "
                                     << lp.size() << " with logprobs, " << n_lp_skipped << " of them with +inf skipped): "
                                     << n_mismatch << " mismatches; top-logprob id mismatches " << n_lp_mismatch << ", max |logprob diff| " << lp_err);
         CHECK(n_mismatch == 0);

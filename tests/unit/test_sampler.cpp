@@ -105,7 +105,8 @@ TEST_CASE("top-k keeps the first k in (logit desc, id asc) order") {
     CHECK(kept({.top_k = 3}, logits) == std::vector<int32_t>{1, 2, 3});
     CHECK(kept({.top_k = 5}, logits) == std::vector<int32_t>{1, 2, 3, 0, 4});
     CHECK(kept({.top_k = 100}, logits) == std::vector<int32_t>{1, 2, 3, 0, 4});  // k > n_vocab
-    CHECK(kept({.top_k = 0}, logits) == std::vector<int32_t>{1, 2, 3, 0, 4});    // off
+    CHECK(kept({.top_k = 0}, logits) == std::vector<int32_t>{0, 1, 2, 3, 4});    // off: id order, no sort
+    CHECK(kept({.top_k = 0, .top_p = 0.99f}, logits) == std::vector<int32_t>{1, 2, 3, 0, 4});  // top-p sorts
 }
 
 TEST_CASE("top-p keeps the smallest prefix reaching p of the tempered mass") {
@@ -183,28 +184,42 @@ TEST_CASE("top-p and the draw use the chunked sums of sampler.h, over thousands 
         std::vector<float> l(4000);
         for (float& v : l) v = nd(rng);
         const float top_p = r % 2 ? 0.9f : 1.0f, t = 0.5f + 0.1f * float(r % 7);
+        // Sorted for top-p; id order (chunks by id) without it. l has no NaN or -inf.
+        const bool sorted = top_p < 1.0f;
         std::vector<int32_t> order(l.size());
         for (size_t i = 0; i < l.size(); ++i) order[i] = int32_t(i);
-        std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return l[a] != l[b] ? l[a] > l[b] : a < b; });
+        if (sorted)
+            std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return l[a] != l[b] ? l[a] > l[b] : a < b; });
+        const float l_max = *std::max_element(l.begin(), l.end());
         std::vector<float> w;
-        for (int32_t id : order) w.push_back(det_expf((l[id] - l[order[0]]) * (1.0f / t)));
-        while (!w.empty() && w.back() == 0.0f) w.pop_back();
+        std::vector<int32_t> ids;
+        for (int32_t id : order) {
+            const float wi = det_expf((l[id] - l_max) * (1.0f / t));
+            if (wi == 0.0f) continue;
+            w.push_back(wi);
+            ids.push_back(id);
+        }
+        auto chunk_id = [&](size_t i) { return (sorted ? i : size_t(ids[i])) / 32; };
         auto chunk_of = [&](size_t n_w, size_t c) {
             float a = 0.0f;
-            for (size_t i = c * 32; i < std::min(n_w, c * 32 + 32); ++i) a += w[i];
+            for (size_t i = 0; i < n_w; ++i)
+                if (chunk_id(i) == c) a += w[i];
             return a;
         };
         auto first = [&](size_t n_w, float bound, bool strict) {
-            const size_t n_c = (n_w + 31) / 32;
+            const size_t n_c = chunk_id(n_w - 1) + 1;
             float a = 0.0f;
             for (size_t c = 0; c < n_c; ++c) {
                 const float next = a + chunk_of(n_w, c);
                 if (strict ? next > bound : next >= bound) {
-                    for (size_t i = c * 32; i < std::min(n_w, c * 32 + 32); ++i) {
+                    size_t last = 0;
+                    for (size_t i = 0; i < n_w; ++i) {
+                        if (chunk_id(i) != c) continue;
+                        last = i;
                         a += w[i];
                         if (strict ? a > bound : a >= bound) return i;
                     }
-                    return std::min(n_w, c * 32 + 32) - 1;
+                    return last;
                 }
                 a = next;
             }
@@ -212,13 +227,13 @@ TEST_CASE("top-p and the draw use the chunked sums of sampler.h, over thousands 
         };
         auto total = [&](size_t n_w) {
             float a = 0.0f;
-            for (size_t c = 0; c < (n_w + 31) / 32; ++c) a += chunk_of(n_w, c);
+            for (size_t c = 0; c <= chunk_id(n_w - 1); ++c) a += chunk_of(n_w, c);
             return a;
         };
         size_t m = w.size();
         if (top_p < 1.0f) m = first(m, top_p * total(m), false) + 1;
         const float u = philox_uniform(3, uint64_t(r));
-        const int32_t want = order[first(m, u * total(m), true)];
+        const int32_t want = ids[first(m, u * total(m), true)];
         Sampler s({.temperature = t, .top_p = top_p, .seed = 3});
         CHECK(s.last_candidates().empty());
         CHECK(s.sample(l, uint64_t(r)) == want);
@@ -345,7 +360,7 @@ TEST_CASE("repetition, frequency and presence penalties") {
     }
     SUBCASE("neutral settings add no stage") {
         Sampler s({});
-        CHECK(s.stage_names() == std::vector<std::string>{"sort", "temperature", "dist"});
+        CHECK(s.stage_names() == std::vector<std::string>{"candidates", "temperature", "dist"});
         Sampler full({.temperature = 0.8f, .top_k = 40, .top_p = 0.9f, .min_p = 0.05f,
                       .repeat_penalty = 1.1f, .logit_bias = {{1, 1.0f}}});
         CHECK(full.stage_names() == std::vector<std::string>{"logit_bias", "penalties", "top_k",
@@ -366,7 +381,7 @@ TEST_CASE("logit bias, bans and their errors") {
         Sampler s(p);
         row = {5.0f, 1.0f, 0.0f};
         REQUIRE(s.sample(row, i) != 0);
-        REQUIRE(ids_of(s.last_candidates()) == std::vector<int32_t>{2, 1});
+        REQUIRE(ids_of(s.last_candidates()) == std::vector<int32_t>{1, 2});  // id order (no top-k/top-p)
     }
 
     Sampler out_of_range({.logit_bias = {{3, 1.0f}}});
