@@ -48,6 +48,9 @@ struct DeviceSampleRow {
     uint64_t seed = 0;
     uint64_t token_index = 0;  // the Philox counter: generated-token number of the request
     int32_t n_logprobs = 0;    // top-n logprobs of the raw row wanted (0..SamplingParams::k_max_logprobs)
+    // Constrained rows: bit (id & 31) of word id / 32 set = the token may be sampled; the others
+    // are banned before the bias (a grammar's mask, (n_vocab + 31) / 32 words). Empty: no mask.
+    std::vector<uint32_t> allowed{};
 };
 using DeviceGreedyRow = DeviceSampleRow;
 
@@ -90,6 +93,13 @@ public:
     // either call. The default runs the whole forward_sample inside wait_sample.
     virtual void launch_sample(const Batch& batch, std::span<const DeviceSampleRow> rows);
     virtual void wait_sample(std::span<DeviceSampleOut> out);
+    // Optional first half of launch_sample: queues the pass alone, so that rows that take host
+    // time (a grammar's masks) are built while the device runs it; launch_sample with the same
+    // batch then queues only the sampling. The default does nothing (launch_sample does it all).
+    virtual void launch_forward(const Batch& /*batch*/) {}
+    // After launch_forward, when the step fails before its launch_sample: the pass is dropped
+    // (it finishes on the device before anything queued later).
+    virtual void abandon_forward() {}
 
 private:
     const Batch* pending_batch_ = nullptr;  // the default launch/wait pair

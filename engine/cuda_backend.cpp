@@ -221,6 +221,8 @@ public:
     void forward_sample(const Batch& b, std::span<const DeviceSampleRow> rows, std::span<DeviceSampleOut> out) override;
     void launch_sample(const Batch& b, std::span<const DeviceSampleRow> rows) override;
     void wait_sample(std::span<DeviceSampleOut> out) override;
+    void launch_forward(const Batch& b) override;
+    void abandon_forward() override { forward_queued_ = nullptr; }
 
 private:
     struct Bufs {
@@ -298,6 +300,7 @@ private:
     std::unique_ptr<OpProfile> prof_;  // COINFER_CUDA_PROFILE=1
 
     // The step between launch_sample and wait_sample.
+    const Batch* forward_queued_ = nullptr;  // launch_forward's batch, until its launch_sample
     struct Pending {
         bool active = false;
         size_t n_out = 0;
@@ -955,22 +958,36 @@ void CudaBackend::forward_sample(const Batch& b, std::span<const DeviceSampleRow
     wait_sample(out);
 }
 
+void CudaBackend::launch_forward(const Batch& b) {
+    if (pending_.active || forward_queued_) throw_error("launch_forward: the previous step was not waited for");
+    bind();
+    if (b.n_tokens() == 0) return;
+    run(b);
+    forward_queued_ = &b;
+}
+
 void CudaBackend::launch_sample(const Batch& b, std::span<const DeviceSampleRow> rows) {
     if (pending_.active) throw_error("launch_sample: the previous step was not waited for");
+    const bool queued = forward_queued_ == &b;
+    if (forward_queued_ && !queued) throw_error("launch_sample: another batch's pass is queued");
+    forward_queued_ = nullptr;
     bind();
     const size_t n_out = b.logit_rows.size();
     if (rows.size() != n_out)
         throw_error("launch_sample: {} logit rows, {} sampling rows", n_out, rows.size());
     pending_ = Pending{};
     if (b.n_tokens() == 0) return;
-    // Check the rows before running anything, so a bad row leaves the cache untouched.
+    // Check the rows before running anything, so a bad row leaves the cache untouched (after
+    // launch_forward the pass has run: the engine then fails the step as any failed pass).
     for (const DeviceSampleRow& row : rows) {
         for (const auto& [id, bias] : row.logit_bias)
             if (id < 0 || id >= c_.n_vocab) throw_error("sampling: logit_bias token id {} is outside the vocabulary", id);
         if (row.n_logprobs < 0 || row.n_logprobs > kn::k_max_device_logprobs)
             throw_error("sampling: n_logprobs {} is outside 0..{}", row.n_logprobs, kn::k_max_device_logprobs);
+        if (!row.allowed.empty() && row.allowed.size() != static_cast<size_t>((c_.n_vocab + 31) / 32))
+            throw_error("sampling: a token mask of {} words, {} needed", row.allowed.size(), (c_.n_vocab + 31) / 32);
     }
-    run(b);
+    if (!queued) run(b);
     if (n_out == 0) {
         pending_.active = true;  // wait_sample still waits for the pass
         return;
@@ -981,11 +998,18 @@ void CudaBackend::launch_sample(const Batch& b, std::span<const DeviceSampleRow>
     std::vector<float> bias_vals;
     std::vector<kn::DistRowParams> dist;
     std::vector<kn::LogprobRowParams> lp;
+    std::vector<int32_t> mask_row;  // [n_out] when any row is masked
+    std::vector<uint32_t> mask_words;
     for (size_t r = 0; r < n_out; ++r) {
         const DeviceSampleRow& row = rows[r];
+        if (!row.allowed.empty()) {
+            mask_row.resize(n_out, -1);
+            mask_row[r] = static_cast<int32_t>(mask_words.size() / row.allowed.size());
+            mask_words.insert(mask_words.end(), row.allowed.begin(), row.allowed.end());
+        }
         std::vector<int32_t> ids;
         for (const auto& [id, bias] : row.logit_bias) ids.push_back(id);
-        // A grammar's bans come in ascending order (tens of thousands a row): no sort then.
+        // Repeated ids apply serially (GreedyRowParams::bias_repeats); a sorted list needs no sort.
         if (!std::is_sorted(ids.begin(), ids.end())) std::sort(ids.begin(), ids.end());
         const bool repeats = std::adjacent_find(ids.begin(), ids.end()) != ids.end();
         params[r] = {row.repeat_penalty, row.frequency_penalty, row.presence_penalty, repeats ? 1 : 0};
@@ -1014,16 +1038,20 @@ void CudaBackend::launch_sample(const Batch& b, std::span<const DeviceSampleRow>
         if (row.n_logprobs > 0) lp.push_back({static_cast<int32_t>(r), row.n_logprobs});
     }
     // The rows that need the sort first (sample_rows' contract).
-    const auto n_sorted = std::stable_partition(dist.begin(), dist.end(), kn::needs_sort) - dist.begin();
+    std::stable_sort(dist.begin(), dist.end(), [](const auto& a, const auto& b) { return kn::dist_path(a) < kn::dist_path(b); });
+    const auto n_sort = std::count_if(dist.begin(), dist.end(), [](const auto& d) { return kn::dist_path(d) == kn::DistPath::sort; });
+    const auto n_select = std::count_if(dist.begin(), dist.end(), [](const auto& d) { return kn::dist_path(d) == kn::DistPath::select; });
     std::vector<int32_t> hi;
-    for (auto* v : {&bias_off, &bias_ids, &pen_off, &pen_ids, &pen_counts}) hi.insert(hi.end(), v->begin(), v->end());
-    // One staging buffer: params | dist | lp | bias floats | ints | out ids | out logprobs.
+    for (auto* v : {&bias_off, &bias_ids, &pen_off, &pen_ids, &pen_counts, &mask_row})
+        hi.insert(hi.end(), v->begin(), v->end());
+    // One staging buffer: params | dist | lp | bias floats | mask words | ints | out ids | out logprobs.
     auto al = [](size_t v) { return (v + 15) & ~size_t(15); };
     const size_t o_params = 0;
     const size_t o_dist = al(o_params + n_out * sizeof(kn::GreedyRowParams));
     const size_t o_lp = al(o_dist + dist.size() * sizeof(kn::DistRowParams));
     const size_t o_bias = al(o_lp + lp.size() * sizeof(kn::LogprobRowParams));
-    const size_t o_ints = al(o_bias + bias_vals.size() * sizeof(float));
+    const size_t o_masks = al(o_bias + bias_vals.size() * sizeof(float));
+    const size_t o_ints = al(o_masks + mask_words.size() * sizeof(uint32_t));
     const size_t o_ids = al(o_ints + hi.size() * sizeof(int32_t));
     const size_t o_lpout = al(o_ids + n_out * sizeof(int32_t));
     const size_t n_bytes = al(o_lpout + lp.size() * sizeof(kn::LogprobOut));
@@ -1032,11 +1060,13 @@ void CudaBackend::launch_sample(const Batch& b, std::span<const DeviceSampleRow>
     if (!dist.empty()) std::memcpy(stage + o_dist, dist.data(), dist.size() * sizeof(kn::DistRowParams));
     if (!lp.empty()) std::memcpy(stage + o_lp, lp.data(), lp.size() * sizeof(kn::LogprobRowParams));
     if (!bias_vals.empty()) std::memcpy(stage + o_bias, bias_vals.data(), bias_vals.size() * sizeof(float));
+    if (!mask_words.empty())
+        std::memcpy(stage + o_masks, mask_words.data(), mask_words.size() * sizeof(uint32_t));
     if (!hi.empty()) std::memcpy(stage + o_ints, hi.data(), hi.size() * sizeof(int32_t));
     char* dbuf = sample_io_.get(n_bytes, "sampling inputs");
     CUDA_CHECK(cudaMemcpyAsync(dbuf, stage, o_ids, cudaMemcpyHostToDevice, stream_));
     const size_t ws_bytes =
-        kn::sample_workspace_bytes(c_.n_vocab, int64_t(dist.size()), int64_t(n_sorted), int64_t(lp.size()));
+        kn::sample_workspace_bytes(c_.n_vocab, int64_t(dist.size()), int64_t(n_sort), int64_t(lp.size()));
     char* ws = ws_bytes ? sample_ws_.get(ws_bytes, "sampling workspace") : nullptr;
     const auto* dints = reinterpret_cast<const int32_t*>(dbuf + o_ints);
     const int32_t* d_bias_off = dints;
@@ -1044,14 +1074,17 @@ void CudaBackend::launch_sample(const Batch& b, std::span<const DeviceSampleRow>
     const int32_t* d_pen_off = d_bias_ids + bias_ids.size();
     const int32_t* d_pen_ids = d_pen_off + pen_off.size();
     const int32_t* d_pen_counts = d_pen_ids + pen_ids.size();
+    const int32_t* d_mask_row = d_pen_counts + pen_counts.size();
+    const kn::SampleMasks masks{mask_row.empty() ? nullptr : d_mask_row,
+                                reinterpret_cast<const uint32_t*>(dbuf + o_masks)};
     auto* d_ids = reinterpret_cast<int32_t*>(dbuf + o_ids);
     auto* d_lpout = reinterpret_cast<kn::LogprobOut*>(dbuf + o_lpout);
     if (prof_) prof_->begin(stream_);
     kn::sample_rows(cur_logits_, static_cast<int64_t>(n_out), c_.n_vocab,
-                    reinterpret_cast<const kn::GreedyRowParams*>(dbuf + o_params),
+                    reinterpret_cast<const kn::GreedyRowParams*>(dbuf + o_params), masks,
                     bias_ids.empty() ? nullptr : d_bias_off, d_bias_ids, reinterpret_cast<const float*>(dbuf + o_bias),
                     pen_ids.empty() ? nullptr : d_pen_off, d_pen_ids, d_pen_counts,
-                    reinterpret_cast<const kn::DistRowParams*>(dbuf + o_dist), int64_t(dist.size()), int64_t(n_sorted),
+                    reinterpret_cast<const kn::DistRowParams*>(dbuf + o_dist), int64_t(dist.size()), int64_t(n_sort), int64_t(n_select),
                     reinterpret_cast<const kn::LogprobRowParams*>(dbuf + o_lp), int64_t(lp.size()), ws, ws_bytes, d_ids,
                     d_lpout, stream_);
     if (prof_) {

@@ -50,6 +50,8 @@ struct Options {
     int32_t max_prompt_mixed = 512;
     uint64_t seed = 42;
     float temperature = 0.0f;
+    int32_t top_k = 0;
+    float top_p = 1.0f, min_p = 0.0f;
     bool json_stdout = false;
     std::string json_path;
     bool progress = false;
@@ -281,7 +283,9 @@ json run_serve(const ServeOptions& so, const Options& o, std::shared_ptr<const M
         r.max_tokens = g;
         r.ignore_eos = true;
         r.sampling.temperature = o.temperature;
-        r.sampling.top_k = 0;
+        r.sampling.top_k = o.top_k;
+        r.sampling.top_p = o.top_p;
+        r.sampling.min_p = o.min_p;
         r.sampling.seed = o.seed + static_cast<uint64_t>(i);
         r.json_schema = so.json_schema;
         kv_read_bytes += cost.kv_bytes_per_pos * (static_cast<double>(g) * p + 0.5 * static_cast<double>(g) * (g - 1));
@@ -673,6 +677,7 @@ int cmd_bench(Args& args) {
             "  --prompt-len P, --gen-len G                 (default 128 each)\n"
             "  --prompt-len-range A:B, --gen-len-range A:B  uniform, seeded\n"
             "  --temp T                   sampling temperature (default 0: greedy)\n"
+            "  --top-k K, --top-p P, --min-p M   with --temp > 0 (default off: 0, 1, 0)\n"
             "  --json-schema FILE         constrain every request to this JSON schema (a document that\n"
             "                             completes early ends its request early)\n\n"
             "--mode batched (straight on the backend, like llama-batched-bench):\n"
@@ -709,6 +714,13 @@ int cmd_bench(Args& args) {
     const int64_t max_prompt_mixed = args.int_value("--max-prompt-mixed").value_or(512);
     o.seed = static_cast<uint64_t>(args.int_value("--seed").value_or(42));
     o.temperature = static_cast<float>(args.float_value("--temp").value_or(0.0));
+    const int64_t top_k = args.int_value("--top-k").value_or(0);
+    o.top_p = static_cast<float>(args.float_value("--top-p").value_or(1.0));
+    o.min_p = static_cast<float>(args.float_value("--min-p").value_or(0.0));
+    if (top_k < 0 || top_k > (1 << 30)) throw UsageError("--top-k is out of range");
+    if (!(o.top_p > 0 && o.top_p <= 1)) throw UsageError("--top-p must be in (0, 1]");
+    if (!(o.min_p >= 0 && o.min_p <= 1)) throw UsageError("--min-p must be in [0, 1]");
+    o.top_k = static_cast<int32_t>(top_k);
     if (o.model_path.empty()) throw UsageError("missing -m MODEL");
     if (mode != "serve" && mode != "batched") throw UsageError(fmt::format("--mode must be serve or batched, not '{}'", mode));
     (void)parse_device(o.device);  // a clear error before the model loads

@@ -35,12 +35,19 @@ __device__ __forceinline__ bool better(float v, int id, float bv, int bid) {
 
 __global__ void __launch_bounds__(k_sample_threads)
 greedy_kernel(float* __restrict__ logits, int64_t n_vocab, const GreedyRowParams* __restrict__ params,
-              const int32_t* __restrict__ bias_off, const int32_t* __restrict__ bias_ids,
+              SampleMasks masks, const int32_t* __restrict__ bias_off, const int32_t* __restrict__ bias_ids,
               const float* __restrict__ bias_vals, const int32_t* __restrict__ pen_off,
               const int32_t* __restrict__ pen_ids, const int32_t* __restrict__ pen_counts,
               int32_t* __restrict__ out_ids) {
     const int64_t r = blockIdx.x;
     float* l = logits + r * n_vocab;
+    // A grammar's mask first: a banned token stays -inf whatever bias or penalty follows.
+    if (masks.row && masks.row[r] >= 0) {
+        const uint32_t* m = masks.words + int64_t(masks.row[r]) * ((n_vocab + 31) / 32);
+        for (int64_t i = threadIdx.x; i < n_vocab; i += k_sample_threads)
+            if (!(m[i >> 5] >> (i & 31) & 1u)) l[i] = -INFINITY;
+        __syncthreads();
+    }
     // Bias, then penalties, as the CPU orders them. Each list names a token once (the penalty
     // counts always; the bias unless the row says otherwise), so the block's threads share the
     // entries: a request's 300 bias entries cost every step one pass, not 300 dependent ones.
@@ -200,34 +207,15 @@ __device__ int first_passing(const float* w, int n, const float* run, float t, b
     return *s_out;
 }
 
-// weights: [n_dist, n_vocab] scratch; sums: [n_dist, 2 * (n_chunks_of(n_vocab) + 1)] scratch.
-__global__ void __launch_bounds__(k_sample_threads)
-dist_kernel(const float* __restrict__ logits, int64_t n_vocab, int id_bits, const DistRowParams* __restrict__ dist,
-            const uint64_t* __restrict__ keys, float* __restrict__ weights, float* __restrict__ sums,
-            int32_t* __restrict__ out_ids) {
-    __shared__ int s_tmp[k_sample_threads / 32];
-    __shared__ int s_out;
-    const int64_t j = blockIdx.x;
-    const DistRowParams p = dist[j];
-    const float* l = logits + int64_t(p.row) * n_vocab;
-    const uint64_t* k = keys + j * n_vocab;
-    float* w = weights + j * n_vocab;
-    float* cs = sums + j * 2 * (n_chunks_of(n_vocab) + 1);
-    float* run = cs + n_chunks_of(n_vocab) + 1;
-    const uint64_t bad = invalid_key(id_bits), id_mask = (uint64_t(1) << id_bits) - 1;
-    // Step 4: the valid candidates are a prefix of the sorted keys.
-    int cnt = 0;
-    for (int64_t i = threadIdx.x; i < n_vocab; i += k_sample_threads) cnt += k[i] != bad;
-    const int n_valid = block_sum_int(cnt, s_tmp);
-    if (n_valid == 0) {
-        if (threadIdx.x == 0) out_ids[p.row] = -1;
-        return;
-    }
+// Steps 5-9 for one row whose n_valid valid candidates are k[0..n_valid) in sort-key order (k in
+// global or shared memory). weights w: [n_valid]; cs, run: the row's chunk sums.
+__device__ void draw_sorted(const float* l, const uint64_t* k, int n_valid, uint64_t id_mask, const DistRowParams& p,
+                            float* w, float* cs, float* run, int32_t* out_ids, int* s_tmp, int* s_out) {
     // Step 5: top-k.
     const int m = p.top_k > 0 ? min(p.top_k, n_valid) : n_valid;
     // Step 6: weights relative to the max (candidate 0); the nonzero ones are a prefix.
     const float l0 = fminf(l[uint32_t(k[0] & id_mask)], FLT_MAX);
-    cnt = 0;
+    int cnt = 0;
     for (int i = threadIdx.x; i < m; i += k_sample_threads) {
         const float li = fminf(l[uint32_t(k[i] & id_mask)], FLT_MAX);
         const float wi = det_expf(__fmul_rn(__fsub_rn(li, l0), p.inv_temperature));
@@ -239,7 +227,7 @@ dist_kernel(const float* __restrict__ logits, int64_t n_vocab, int id_bits, cons
     if (p.top_p < 1.0f) {
         chunked_totals(w, n_keep, cs, run);
         const float target = __fmul_rn(p.top_p, run[n_chunks_of(n_keep)]);
-        n_keep = first_passing(w, n_keep, run, target, false, n_keep - 1, s_tmp, &s_out) + 1;
+        n_keep = first_passing(w, n_keep, run, target, false, n_keep - 1, s_tmp, s_out) + 1;
     }
     // Step 8: min-p, the longest prefix with w >= min_p (w_0 = 1 always stays).
     if (p.min_p > 0.0f) {
@@ -254,8 +242,154 @@ dist_kernel(const float* __restrict__ logits, int64_t n_vocab, int id_bits, cons
     // Step 9: the draw.
     chunked_totals(w, n_keep, cs, run);
     const float target = __fmul_rn(philox_uniform(p.seed, p.token_index), run[n_chunks_of(n_keep)]);
-    const int sel = first_passing(w, n_keep, run, target, true, n_keep - 1, s_tmp, &s_out);
+    const int sel = first_passing(w, n_keep, run, target, true, n_keep - 1, s_tmp, s_out);
     if (threadIdx.x == 0) out_ids[p.row] = int32_t(uint32_t(k[sel] & id_mask));
+}
+
+// Rows sorted by cub. weights: [n_dist, n_vocab] scratch; sums: [n_dist, 2 * (n_chunks_of(n_vocab) + 1)].
+__global__ void __launch_bounds__(k_sample_threads)
+dist_kernel(const float* __restrict__ logits, int64_t n_vocab, int id_bits, const DistRowParams* __restrict__ dist,
+            const uint64_t* __restrict__ keys, float* __restrict__ weights, float* __restrict__ sums,
+            int32_t* __restrict__ out_ids) {
+    __shared__ int s_tmp[k_sample_threads / 32];
+    __shared__ int s_out;
+    const int64_t j = blockIdx.x;
+    const DistRowParams p = dist[j];
+    const uint64_t* k = keys + j * n_vocab;
+    const uint64_t bad = invalid_key(id_bits);
+    // Step 4: the valid candidates are a prefix of the sorted keys.
+    int cnt = 0;
+    for (int64_t i = threadIdx.x; i < n_vocab; i += k_sample_threads) cnt += k[i] != bad;
+    const int n_valid = block_sum_int(cnt, s_tmp);
+    if (n_valid == 0) {
+        if (threadIdx.x == 0) out_ids[p.row] = -1;
+        return;
+    }
+    draw_sorted(logits + int64_t(p.row) * n_vocab, k, n_valid, (uint64_t(1) << id_bits) - 1, p,
+                weights + j * n_vocab, sums + j * 2 * (n_chunks_of(n_vocab) + 1),
+                sums + j * 2 * (n_chunks_of(n_vocab) + 1) + n_chunks_of(n_vocab) + 1, out_ids, s_tmp, &s_out);
+}
+
+// Rows with 0 < top_k <= k_max_select_k (dist rows row0..): the k best keys found without a
+// sort of the row. A radix select over the logits' 32 order bits (4 passes of 8 bits, integer
+// counts) finds the k-th best value T; the candidates better than T and, of those equal to T, the
+// lowest ids (each thread owns a contiguous id range, so a scan of the counts ranks them in id
+// order) are the k best keys exactly; a bitonic sort of those k in shared memory orders them.
+__global__ void __launch_bounds__(k_sample_threads)
+topk_dist_kernel(const float* __restrict__ logits, int64_t n_vocab, int id_bits, const DistRowParams* __restrict__ dist,
+                 int64_t row0, float* __restrict__ weights, float* __restrict__ sums, int32_t* __restrict__ out_ids) {
+    __shared__ int s_tmp[k_sample_threads / 32];
+    __shared__ int s_out;
+    __shared__ uint32_t s_hist[256];
+    __shared__ uint32_t s_prefix, s_need;
+    __shared__ int s_lt[k_sample_threads], s_eq[k_sample_threads];
+    __shared__ uint64_t s_keys[k_max_select_k];
+    const int64_t j = row0 + blockIdx.x;
+    const DistRowParams p = dist[j];
+    const float* l = logits + int64_t(p.row) * n_vocab;
+    const int n = int(n_vocab);
+    auto order = [](float v) {  // sort_key's high part: smaller is better
+        v = __fadd_rn(fminf(v, FLT_MAX), 0.0f);
+        uint32_t u = __float_as_uint(v);
+        u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+        return ~u;
+    };
+    int cnt = 0;
+    for (int i = threadIdx.x; i < n; i += k_sample_threads) {
+        const float v = l[i];
+        cnt += v == v && v != -INFINITY;
+    }
+    const int n_valid = block_sum_int(cnt, s_tmp);
+    if (n_valid == 0) {
+        if (threadIdx.x == 0) out_ids[p.row] = -1;
+        return;
+    }
+    const int m = min(p.top_k, n_valid);
+    // Radix select: the m-th smallest order value T, and how many of the T ties to take.
+    if (threadIdx.x == 0) {
+        s_prefix = 0;
+        s_need = uint32_t(m);
+    }
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int b = threadIdx.x; b < 256; b += k_sample_threads) s_hist[b] = 0;
+        __syncthreads();
+        const uint32_t prefix = s_prefix;
+        const uint32_t high_mask = shift == 24 ? 0u : ~uint32_t(0) << (shift + 8);
+        for (int i = threadIdx.x; i < n; i += k_sample_threads) {
+            const float v = l[i];
+            if (!(v == v && v != -INFINITY)) continue;
+            const uint32_t o = order(v);
+            if ((o & high_mask) == (prefix & high_mask)) atomicAdd(&s_hist[(o >> shift) & 255u], 1u);
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            uint32_t need = s_need, b = 0;
+            for (; b < 255 && s_hist[b] < need; ++b) need -= s_hist[b];
+            s_need = need;
+            s_prefix = prefix | (b << shift);
+        }
+        __syncthreads();
+    }
+    const uint32_t t_val = s_prefix;
+    const int need = int(s_need);  // ties at T taken, by lowest id; m - need are better than T
+    // Contiguous id ranges: count, scan (in thread order = id order), then place.
+    const int span = (n + k_sample_threads - 1) / k_sample_threads;
+    const int lo = min(n, int(threadIdx.x) * span), hi = min(n, lo + span);
+    int n_lt = 0, n_eq = 0;
+    for (int i = lo; i < hi; ++i) {
+        const float v = l[i];
+        if (!(v == v && v != -INFINITY)) continue;
+        const uint32_t o = order(v);
+        n_lt += o < t_val;
+        n_eq += o == t_val;
+    }
+    s_lt[threadIdx.x] = n_lt;
+    s_eq[threadIdx.x] = n_eq;
+    __syncthreads();
+    if (threadIdx.x == 0) {  // exclusive scans, 256 entries
+        int a = 0, e = 0;
+        for (int t = 0; t < k_sample_threads; ++t) {
+            const int x = s_lt[t], y = s_eq[t];
+            s_lt[t] = a;
+            s_eq[t] = e;
+            a += x;
+            e += y;
+        }
+    }
+    __syncthreads();
+    int at_lt = s_lt[threadIdx.x], at_eq = s_eq[threadIdx.x];
+    const int n_better = m - need;
+    for (int i = lo; i < hi; ++i) {
+        const float v = l[i];
+        if (!(v == v && v != -INFINITY)) continue;
+        const uint32_t o = order(v);
+        const uint64_t key = (uint64_t(o) << id_bits) | uint32_t(i);
+        if (o < t_val) s_keys[at_lt++] = key;
+        else if (o == t_val && at_eq < need) s_keys[n_better + at_eq++] = key;
+    }
+    // Bitonic sort of the m keys, padded to a power of two with keys above every valid one.
+    int n_pow = 1;
+    while (n_pow < m) n_pow <<= 1;
+    for (int i = m + threadIdx.x; i < n_pow; i += k_sample_threads) s_keys[i] = ~uint64_t(0);
+    __syncthreads();
+    for (int size = 2; size <= n_pow; size <<= 1)
+        for (int stride = size >> 1; stride > 0; stride >>= 1) {
+            for (int i = threadIdx.x; i < n_pow; i += k_sample_threads) {
+                const int partner = i ^ stride;
+                if (partner > i) {
+                    const bool up = (i & size) == 0;
+                    const uint64_t x = s_keys[i], y = s_keys[partner];
+                    if ((x > y) == up) {
+                        s_keys[i] = y;
+                        s_keys[partner] = x;
+                    }
+                }
+            }
+            __syncthreads();
+        }
+    draw_sorted(l, s_keys, m, (uint64_t(1) << id_bits) - 1, p, weights + j * n_vocab,
+                sums + j * 2 * (n_chunks_of(n_vocab) + 1), sums + j * 2 * (n_chunks_of(n_vocab) + 1) + n_chunks_of(n_vocab) + 1,
+                out_ids, s_tmp, &s_out);
 }
 
 __device__ __forceinline__ int block_max_int(int v, int* s_tmp) { return -block_min_int(-v, s_tmp); }
@@ -450,7 +584,8 @@ __global__ void offsets_kernel(int64_t n_dist, int64_t n_vocab, int64_t* __restr
 
 }  // namespace
 
-size_t sample_workspace_bytes(int64_t n_vocab, int64_t n_dist, int64_t n_sorted, int64_t n_lp) {
+size_t sample_workspace_bytes(int64_t n_vocab, int64_t n_dist, int64_t n_sort, int64_t n_lp) {
+    const int64_t n_sorted = n_sort;
     size_t b = 0;
     if (n_lp > 0) b += align_up(size_t(n_lp * n_vocab) * 4) + align_up(size_t(n_lp) * 8);
     if (n_dist > 0) b += align_up(size_t(n_dist * n_vocab) * 4) + align_up(sums_floats(n_vocab, n_dist) * 4);
@@ -460,13 +595,15 @@ size_t sample_workspace_bytes(int64_t n_vocab, int64_t n_dist, int64_t n_sorted,
     return b;
 }
 
-void sample_rows(float* logits, int64_t n_rows, int64_t n_vocab, const GreedyRowParams* params,
+void sample_rows(float* logits, int64_t n_rows, int64_t n_vocab, const GreedyRowParams* params, SampleMasks masks,
                  const int32_t* bias_off, const int32_t* bias_ids, const float* bias_vals, const int32_t* pen_off,
                  const int32_t* pen_ids, const int32_t* pen_counts, const DistRowParams* dist, int64_t n_dist,
-                 int64_t n_sorted, const LogprobRowParams* lp, int64_t n_lp, void* workspace,
+                 int64_t n_sort, int64_t n_select, const LogprobRowParams* lp, int64_t n_lp, void* workspace,
                  size_t workspace_bytes, int32_t* out_ids, LogprobOut* out_lp, cudaStream_t stream) {
     if (n_rows <= 0) return;
-    if (n_sorted < 0 || n_sorted > n_dist) throw std::runtime_error("sample_rows: n_sorted out of range");
+    if (n_sort < 0 || n_select < 0 || n_sort + n_select > n_dist)
+        throw std::runtime_error("sample_rows: n_sort / n_select out of range");
+    const int64_t n_sorted = n_sort;
     if (workspace_bytes < sample_workspace_bytes(n_vocab, n_dist, n_sorted, n_lp))
         throw std::runtime_error("sample_rows: workspace too small");
     auto* ws = static_cast<char*>(workspace);
@@ -482,7 +619,7 @@ void sample_rows(float* logits, int64_t n_rows, int64_t n_vocab, const GreedyRow
         logprob_kernel<<<unsigned(n_lp), k_sample_threads, 0, stream>>>(logits, n_vocab, lp, raw, terms, out_lp);
         CUDA_CHECK_LAUNCH();
     }
-    sample_greedy(logits, n_rows, n_vocab, params, bias_off, bias_ids, bias_vals, pen_off, pen_ids, pen_counts, out_ids,
+    sample_greedy(logits, n_rows, n_vocab, params, masks, bias_off, bias_ids, bias_vals, pen_off, pen_ids, pen_counts, out_ids,
                   stream);
     if (n_dist > 0) {
         auto* weights = reinterpret_cast<float*>(take(size_t(n_dist * n_vocab) * 4));
@@ -505,9 +642,14 @@ void sample_rows(float* logits, int64_t n_rows, int64_t n_vocab, const GreedyRow
                                                                               weights, sums, out_ids);
             CUDA_CHECK_LAUNCH();
         }
-        if (n_dist > n_sorted) {
-            plain_dist_kernel<<<unsigned(n_dist - n_sorted), k_sample_threads, 0, stream>>>(
-                logits, n_vocab, dist, n_sorted, weights, sums, out_ids);
+        if (n_select > 0) {
+            topk_dist_kernel<<<unsigned(n_select), k_sample_threads, 0, stream>>>(
+                logits, n_vocab, id_bits_of(n_vocab), dist, n_sort, weights, sums, out_ids);
+            CUDA_CHECK_LAUNCH();
+        }
+        if (n_dist > n_sort + n_select) {
+            plain_dist_kernel<<<unsigned(n_dist - n_sort - n_select), k_sample_threads, 0, stream>>>(
+                logits, n_vocab, dist, n_sort + n_select, weights, sums, out_ids);
             CUDA_CHECK_LAUNCH();
         }
     }
@@ -518,11 +660,11 @@ void sample_rows(float* logits, int64_t n_rows, int64_t n_vocab, const GreedyRow
     }
 }
 
-void sample_greedy(float* logits, int64_t n_rows, int64_t n_vocab, const GreedyRowParams* params,
+void sample_greedy(float* logits, int64_t n_rows, int64_t n_vocab, const GreedyRowParams* params, SampleMasks masks,
                    const int32_t* bias_off, const int32_t* bias_ids, const float* bias_vals, const int32_t* pen_off,
                    const int32_t* pen_ids, const int32_t* pen_counts, int32_t* out_ids, cudaStream_t stream) {
     if (n_rows <= 0) return;
-    greedy_kernel<<<unsigned(n_rows), k_sample_threads, 0, stream>>>(logits, n_vocab, params, bias_off, bias_ids,
+    greedy_kernel<<<unsigned(n_rows), k_sample_threads, 0, stream>>>(logits, n_vocab, params, masks, bias_off, bias_ids,
                                                                     bias_vals, pen_off, pen_ids, pen_counts, out_ids);
     CUDA_CHECK_LAUNCH();
 }

@@ -9,6 +9,8 @@
 namespace coinfer::kernels {
 
 // Per-row greedy choice with the CPU sampler's rules (engine/sampler.h steps 1-3):
+//   mask:      when mask_row[r] >= 0, logits[r][id] = -inf for every id whose bit is clear in
+//              masks[mask_row[r]] (n_vocab bits in (n_vocab + 31) / 32 words): a grammar's bans
 //   bias:      logits[r][bias_ids[j]] += bias_vals[j] for j in [bias_off[r], bias_off[r+1])
 //   penalties: for j in [pen_off[r], pen_off[r+1]): token pen_ids[j] seen pen_counts[j] times,
 //              repetition then frequency/presence with the row's rp, freq, presence
@@ -18,7 +20,11 @@ struct GreedyRowParams {
     float repeat_penalty, frequency_penalty, presence_penalty;
     int32_t bias_repeats;  // 1: a token id occurs twice in the row's bias list (applied in order, serially)
 };
-void sample_greedy(float* logits, int64_t n_rows, int64_t n_vocab, const GreedyRowParams* params,
+struct SampleMasks {
+    const int32_t* row = nullptr;     // [n_rows]: index into words, or -1 (null: no row masked)
+    const uint32_t* words = nullptr;  // [n_masks, (n_vocab + 31) / 32]
+};
+void sample_greedy(float* logits, int64_t n_rows, int64_t n_vocab, const GreedyRowParams* params, SampleMasks masks,
                    const int32_t* bias_off, const int32_t* bias_ids, const float* bias_vals, const int32_t* pen_off,
                    const int32_t* pen_ids, const int32_t* pen_counts, int32_t* out_ids, cudaStream_t stream);
 
@@ -32,9 +38,17 @@ struct DistRowParams {
     uint32_t pad_;
     uint64_t seed, token_index;
 };
-// Rows with top-k or top-p draw from their candidates in logit order and need the sort; the
-// others draw in id order without one (engine/sampler.h step 4).
-inline bool needs_sort(const DistRowParams& p) { return p.top_k > 0 || p.top_p < 1.0f; }
+// How a row is drawn. Rows with top-k or top-p draw from their candidates in logit order: a
+// top-k up to k_max_select_k by a radix select of the k best and a sort of those in shared
+// memory, the others by a segmented sort of the whole row. The rest draw in id order, with no
+// sort (engine/sampler.h step 4). sample_rows takes its dist rows ordered by path.
+inline constexpr int32_t k_max_select_k = 1024;
+enum class DistPath : int { sort = 0, select = 1, plain = 2 };
+inline DistPath dist_path(const DistRowParams& p) {
+    if (p.top_k > 0 && p.top_k <= k_max_select_k) return DistPath::select;
+    if (p.top_k > 0 || p.top_p < 1.0f) return DistPath::sort;
+    return DistPath::plain;
+}
 
 // Top-n logprobs of a raw row (before bias and penalties) and the chosen token's logprob.
 inline constexpr int32_t k_max_device_logprobs = 20;
@@ -50,17 +64,19 @@ struct LogprobOut {
 };
 
 // Device scratch sample_rows needs.
-size_t sample_workspace_bytes(int64_t n_vocab, int64_t n_dist, int64_t n_sorted, int64_t n_lp);
+// n_sort of the n_dist rows take DistPath::sort.
+size_t sample_workspace_bytes(int64_t n_vocab, int64_t n_dist, int64_t n_sort, int64_t n_lp);
 
 // The whole chain for n_rows rows of logits [n_rows, n_vocab]: logprobs of the listed rows
-// from the raw logits, then bias/penalties and greedy for every row (as sample_greedy), then the
+// from the raw logits, then masks/bias/penalties and greedy for every row (as sample_greedy), then the
 // full chain (sort, top-k, temperature, top-p, min-p, Philox draw keyed by (seed, token_index))
-// for the n_dist listed rows, whose out_ids are overwritten. The first n_sorted of them are the
-// ones that need_sort(); the rest skip the sort. dist and lp live in device memory.
-void sample_rows(float* logits, int64_t n_rows, int64_t n_vocab, const GreedyRowParams* params,
+// for the n_dist listed rows, whose out_ids are overwritten: first n_sort rows of
+// DistPath::sort, then n_select of DistPath::select, then the plain ones. dist and lp live in
+// device memory.
+void sample_rows(float* logits, int64_t n_rows, int64_t n_vocab, const GreedyRowParams* params, SampleMasks masks,
                  const int32_t* bias_off, const int32_t* bias_ids, const float* bias_vals, const int32_t* pen_off,
                  const int32_t* pen_ids, const int32_t* pen_counts, const DistRowParams* dist, int64_t n_dist,
-                 int64_t n_sorted, const LogprobRowParams* lp, int64_t n_lp, void* workspace,
+                 int64_t n_sort, int64_t n_select, const LogprobRowParams* lp, int64_t n_lp, void* workspace,
                  size_t workspace_bytes, int32_t* out_ids, LogprobOut* out_lp, cudaStream_t stream);
 
 }  // namespace coinfer::kernels

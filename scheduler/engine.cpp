@@ -495,6 +495,8 @@ std::unique_ptr<InFlight> Engine::Impl::launch(const StepPlan& plan, const std::
     }
     if (f->plan.empty()) return nullptr;
     const bool device_sampling = backend->samples_on_device();
+    std::vector<std::pair<size_t, Active*>> masked;  // constrained rows: (row, request)
+    bool forward_queued = false;
     try {
         for (const PlannedSeq& ps : f->plan.seqs) {
             const SeqState& s = planner->seq(ps.id);
@@ -532,17 +534,26 @@ std::unique_ptr<InFlight> Engine::Impl::launch(const StepPlan& plan, const std::
             r.seed = sp.seed;
             r.token_index = token_index;
             r.n_logprobs = sp.n_logprobs;
-            if (a.grammar) {
-                // The device sampler bans what the grammar does not allow.
-                grammar_mask(a);
-                for (TokenId id = 0; id < model->config().n_vocab; ++id)
-                    if (!(mask[size_t(id) >> 5] >> (id & 31) & 1)) r.logit_bias.push_back({id, -INFINITY});
-            }
+            if (a.grammar) masked.push_back({f->rows.size(), &a});
             f->rows.push_back(std::move(r));
         }
         // The CPU path runs the forward pass and the host sampler in wait().
-        if (device_sampling) backend->launch_sample(f->batch, f->rows);
+        if (device_sampling) {
+            if (!masked.empty()) {
+                // The grammar's masks (the device sampler bans what they do not allow) take host
+                // time: the pass runs meanwhile.
+                backend->launch_forward(f->batch);
+                forward_queued = true;
+                for (auto [row, a] : masked) {
+                    grammar_mask(*a);
+                    f->rows[row].allowed = mask;
+                }
+            }
+            backend->launch_sample(f->batch, f->rows);
+            forward_queued = false;
+        }
     } catch (const std::exception& e) {
+        if (forward_queued) backend->abandon_forward();
         // Nothing was hashed for this step yet (update comes next iteration).
         if (dynamic_cast<const FatalBackendError*>(&e)) {
             fail_engine(e.what());

@@ -331,6 +331,7 @@ TEST_CASE("gpu: the on-device sampling chain picks what the CPU Sampler picks, a
         std::normal_distribution<float> nd(0.0f, 3.0f);
         std::uniform_real_distribution<float> ud(0.0f, 1.0f);
         std::vector<SamplingParams> params(n_rows);
+        auto allowed = std::vector<std::vector<uint32_t>>(size_t(n_rows));  // grammar masks (empty: none)
         std::vector<std::vector<std::pair<int32_t, int32_t>>> pen(n_rows);
         for (int32_t r = 0; r < n_rows; ++r) {
             const int kind = r % 4;
@@ -348,6 +349,8 @@ TEST_CASE("gpu: the on-device sampling chain picks what the CPU Sampler picks, a
             SamplingParams& p = params[r];
             p.temperature = (r % 8 == 0) ? 0.0f : 0.05f + 2.0f * ud(rng);
             p.top_k = (r % 5 == 0) ? 0 : int32_t(1 + rng() % 100);
+            if (r % 17 == 3) p.top_k = 1024;  // the largest the select path takes
+            if (r % 17 == 8) p.top_k = 1025 + int32_t(rng() % 3000);  // larger: the sort path
             p.top_p = (r % 3 == 0) ? 1.0f : 0.05f + 0.95f * ud(rng);
             p.min_p = (r % 4 == 1) ? 0.0f : 0.2f * ud(rng);
             if (r % 6 == 0) p.top_k = 0, p.top_p = 1.0f, p.min_p = 0.0f;  // the whole vocab
@@ -372,6 +375,12 @@ TEST_CASE("gpu: the on-device sampling chain picks what the CPU Sampler picks, a
                 }
             }
             p.n_logprobs = (r % 7 == 0) ? int32_t(1 + rng() % 20) : 0;
+            if (r % 5 == 2) {  // a grammar's mask: about half the vocabulary banned, or all but a few
+                allowed[r].assign(size_t((n_vocab + 31) / 32), 0u);
+                const bool few = r % 10 == 7;
+                for (int32_t i = 0; i < n_vocab; ++i)
+                    if (few ? rng() % 997 == 0 : rng() % 2 == 0) allowed[r][size_t(i) >> 5] |= 1u << (i & 31);
+            }
         }
         // CPU reference, with penalty windows fed through accept().
         std::vector<int32_t> want(n_rows);
@@ -385,6 +394,9 @@ TEST_CASE("gpu: the on-device sampling chain picks what the CPU Sampler picks, a
             token_index[r] = rng() % 1000;
             std::vector<float> row(logits.begin() + size_t(r) * n_vocab, logits.begin() + size_t(r + 1) * n_vocab);
             if (params[r].n_logprobs) want_lp[r] = top_logprobs(row.data(), n_vocab, params[r].n_logprobs);
+            if (!allowed[r].empty())  // as the engine's CPU path: the mask before the sampler
+                for (int32_t i = 0; i < n_vocab; ++i)
+                    if (!(allowed[r][size_t(i) >> 5] >> (i & 31) & 1u)) row[size_t(i)] = -INFINITY;
             try {
                 want[r] = samplers[r].sample(row, token_index[r]);
             } catch (const Error&) {
@@ -421,7 +433,16 @@ TEST_CASE("gpu: the on-device sampling chain picks what the CPU Sampler picks, a
             }
             if (p.n_logprobs) lp.push_back({r, p.n_logprobs});
         }
-        const auto n_sorted = std::stable_partition(dist.begin(), dist.end(), kn::needs_sort) - dist.begin();
+        std::stable_sort(dist.begin(), dist.end(), [](const auto& a, const auto& b) { return kn::dist_path(a) < kn::dist_path(b); });
+    const auto n_sort = std::count_if(dist.begin(), dist.end(), [](const auto& d) { return kn::dist_path(d) == kn::DistPath::sort; });
+    const auto n_select = std::count_if(dist.begin(), dist.end(), [](const auto& d) { return kn::dist_path(d) == kn::DistPath::select; });
+        std::vector<int32_t> mask_row(size_t(n_rows), -1);
+        std::vector<uint32_t> mask_words;
+        for (int32_t r = 0; r < n_rows; ++r)
+            if (!allowed[r].empty()) {
+                mask_row[size_t(r)] = int32_t(mask_words.size() / allowed[r].size());
+                mask_words.insert(mask_words.end(), allowed[r].begin(), allowed[r].end());
+            }
         auto up = [](const auto& v) {
             void* d = nullptr;
             const size_t bytes = std::max<size_t>(1, v.size() * sizeof(v[0]));
@@ -436,7 +457,7 @@ TEST_CASE("gpu: the on-device sampling chain picks what the CPU Sampler picks, a
         };
         auto* d_logits = static_cast<float*>(U(logits));
         const size_t ws_bytes =
-            kn::sample_workspace_bytes(n_vocab, int64_t(dist.size()), int64_t(n_sorted), int64_t(lp.size()));
+            kn::sample_workspace_bytes(n_vocab, int64_t(dist.size()), int64_t(n_sort), int64_t(lp.size()));
         void* ws = nullptr;
         CUDA_CHECK(cudaMalloc(&ws, ws_bytes));
         owned.push_back(ws);
@@ -444,11 +465,12 @@ TEST_CASE("gpu: the on-device sampling chain picks what the CPU Sampler picks, a
         std::vector<kn::LogprobOut> got_lp(lp.size());
         auto* d_ids = static_cast<int32_t*>(U(got));
         auto* d_lp = static_cast<kn::LogprobOut*>(U(got_lp));
-        kn::sample_rows(d_logits, n_rows, n_vocab, static_cast<kn::GreedyRowParams*>(U(gp)),
+        const kn::SampleMasks masks{static_cast<int32_t*>(U(mask_row)), static_cast<uint32_t*>(U(mask_words))};
+        kn::sample_rows(d_logits, n_rows, n_vocab, static_cast<kn::GreedyRowParams*>(U(gp)), masks,
                         static_cast<int32_t*>(U(bias_off)), static_cast<int32_t*>(U(bias_ids)),
                         static_cast<float*>(U(bias_vals)), static_cast<int32_t*>(U(pen_off)),
                         static_cast<int32_t*>(U(pen_ids)), static_cast<int32_t*>(U(pen_counts)),
-                        static_cast<kn::DistRowParams*>(U(dist)), int64_t(dist.size()), int64_t(n_sorted),
+                        static_cast<kn::DistRowParams*>(U(dist)), int64_t(dist.size()), int64_t(n_sort), int64_t(n_select),
                         static_cast<kn::LogprobRowParams*>(U(lp)), int64_t(lp.size()), ws, ws_bytes, d_ids, d_lp,
                         nullptr);
         CUDA_CHECK(cudaMemcpy(got.data(), d_ids, got.size() * 4, cudaMemcpyDeviceToHost));
@@ -487,7 +509,7 @@ TEST_CASE("gpu: the on-device sampling chain picks what the CPU Sampler picks, a
                 if (std::isfinite(cl)) lp_err = std::max(lp_err, std::abs(got_lp[j].chosen - cl));
             }
         }
-        MESSAGE("sampling n_vocab " << n_vocab << ": " << n_rows << " rows (" << dist.size() << " full chain, " << n_sorted << " of them sorted, "
+        MESSAGE("sampling n_vocab " << n_vocab << ": " << n_rows << " rows (" << dist.size() << " full chain, " << n_sort << " of them sorted, " << n_select << " by top-k select, "
                                     << lp.size() << " with logprobs, " << n_lp_skipped << " of them with +inf skipped): "
                                     << n_mismatch << " mismatches; top-logprob id mismatches " << n_lp_mismatch << ", max |logprob diff| " << lp_err);
         CHECK(n_mismatch == 0);

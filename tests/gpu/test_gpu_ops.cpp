@@ -696,7 +696,7 @@ std::vector<Case> make_cases(int n_threads) {
                              auto dids = std::make_shared<Dev<int32_t>>(size_t(rows));
                              dids->poison();
                              launch = [=] {
-                                 kn::sample_greedy(dl->p, rows, n_vocab, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
+                                 kn::sample_greedy(dl->p, rows, n_vocab, nullptr, {}, nullptr, nullptr, nullptr, nullptr, nullptr,
                                                    nullptr, dids->p, nullptr);
                              };
                              launch();
