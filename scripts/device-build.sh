@@ -17,7 +17,7 @@ if [ ! -d "$BUILD" ]; then
     "-Dcpp_link_args=['-static-libstdc++','-static-libgcc','-Wl,--as-needed']" \
     "-Dcuda_link_args=['-Xcompiler=-static-libstdc++','-Xcompiler=-static-libgcc']"
 fi
-TARGETS="tests/gpu/test_gpu_ops tests/gpu/test_gpu_e2e tests/gpu/test_multi_gpu examples/coinfer tests/model/test_engine"
+TARGETS="tests/gpu/test_gpu_ops tests/gpu/test_gpu_e2e tests/gpu/test_multi_gpu examples/coinfer tests/model/test_engine tests/model/test_grammar_vocab"
 ninja -C "$BUILD" -j"${JOBS:-2}" $TARGETS
 rm -rf "$STAGE" && mkdir -p "$STAGE/bin" "$STAGE/models/refs"
 for t in $TARGETS; do cp "$BUILD/$t" "$STAGE/bin/"; strip "$STAGE/bin/$(basename "$t")"; done

@@ -2,12 +2,13 @@
 //  - with every shared vocabulary (SPM and byte-level BPE, up to 102k tokens), random walks
 //    through the mask give only documents their schema accepts, and every valid document of a
 //    small corpus, tokenized as the model would, is allowed token by token;
-//  - the engine on stories260K (CPU backend) and quant-base: 1,000 and 200 schema-constrained
+//  - the engine on stories260K and quant-base (COINFER_TEST_DEVICE, default cpu): 1,000 and 200 schema-constrained
 //    requests with random seeds and temperatures all give JSON that parses and obeys its schema.
 // Mask costs are printed (the figures live in docs/perf.md; nothing here is timed).
 #include <doctest/doctest.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <filesystem>
 #include <random>
 
@@ -177,7 +178,14 @@ TEST_CASE("every shared vocabulary: masks admit every valid document token by to
 
 namespace {
 
-// n constrained requests on the model (CPU), random seeds, temperatures and schemas: every
+// The engine's device: COINFER_TEST_DEVICE (default cpu; cuda on the device machine, where the
+// masks reach the device sampler as bits).
+std::string test_device() {
+    const char* dev = std::getenv("COINFER_TEST_DEVICE");
+    return dev && *dev ? dev : "cpu";
+}
+
+// n constrained requests on the model, random seeds, temperatures and schemas: every
 // output must parse and obey its schema, and end because the grammar completed (or EOS).
 void constrained_runs(const std::string& model_rel, int n) {
     auto path = test::model_file(model_rel);
@@ -185,7 +193,7 @@ void constrained_runs(const std::string& model_rel, int n) {
     asio::io_context io;
     EngineOptions o;
     o.model = *path;
-    o.device = "cpu";
+    o.device = test_device();
     o.backend.n_blocks = 4096;
     o.planner.max_seqs = 128;
     Engine engine(io.get_executor(), o);
@@ -239,7 +247,7 @@ TEST_CASE("ignore_eos with a grammar: a complete document still ends the request
     asio::io_context io;
     EngineOptions o;
     o.model = *path;
-    o.device = "cpu";
+    o.device = test_device();
     o.backend.n_blocks = 256;
     Engine engine(io.get_executor(), o);
     int n_ok = 0;
