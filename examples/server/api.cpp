@@ -27,6 +27,7 @@
 
 #include "index_html.h"  // generated from server/web/index.html
 #include "server.h"
+#include "tools.h"
 #include "engine/grammar.h"
 
 namespace coinfer::server {
@@ -266,6 +267,7 @@ struct GenSpec {
     int32_t n_logprobs = -1;  // completions: top-n logprobs per token; -1: none
     bool chat_logprobs = false;
     int32_t n_chat_top = 0;
+    server::Tools tools;  // chat: function tools; when active the text is held back and parsed
 };
 
 }  // namespace
@@ -507,8 +509,8 @@ GenSpec Api::Impl::parse_chat(const json& body, std::string_view raw) {
         if (!msg.is_object()) bad("messages", "each message must be an object");
         std::string role = opt_string(msg, "role").value_or("");
         if (role == "developer") role = "system";
-        if (role != "system" && role != "user" && role != "assistant")
-            bad("messages", fmt::format("message role must be system, user or assistant (got '{}')", role));
+        if (role != "system" && role != "user" && role != "assistant" && role != "tool")
+            bad("messages", fmt::format("message role must be system, user, assistant or tool (got '{}')", role));
         std::string content;
         if (const json* c = field(msg, "content")) {
             if (c->is_string()) {
@@ -523,8 +525,29 @@ GenSpec Api::Impl::parse_chat(const json& body, std::string_view raw) {
                 bad("messages", "message content must be a string or a list of text parts");
             }
         }
+        if (role == "assistant") {
+            if (const json* calls = field(msg, "tool_calls")) {
+                if (!calls->is_array()) bad("messages", "an assistant message's tool_calls must be an array");
+                const std::string written = server::render_tool_calls(*calls);
+                content = content.empty() ? written : content + "\n" + written;
+            }
+        }
+        if (role == "tool") {  // a function's result: a user turn in the tools' convention
+            role = "user";
+            content = server::render_tool_result(content);
+        }
         if (!valid_utf8(content)) bad("messages", "message content is not valid UTF-8");
         messages.push_back({std::move(role), std::move(content)});
+    }
+    try {
+        g.tools = server::parse_tools(body, raw);
+    } catch (const server::ToolsError& e) {
+        bad(e.param, e.message);
+    }
+    if (g.tools.active()) {  // the functions are described in the system turn
+        const std::string text = server::tools_system_text(g.tools);
+        if (messages.front().role == "system") messages.front().content += "\n\n" + text;
+        else messages.insert(messages.begin(), ChatMessage{"system", text});
     }
     std::string prompt;
     std::vector<std::pair<size_t, size_t>> contents;
@@ -543,6 +566,17 @@ GenSpec Api::Impl::parse_chat(const json& body, std::string_view raw) {
     if (!max_tokens) max_tokens = opt_int(body, "max_tokens", 1, std::max(opt.n_ctx, 1));
     g.req.max_tokens = static_cast<int32_t>(max_tokens.value_or(room));
     parse_sampling(body, raw, g);
+    if (g.tools.forced()) {
+        // The output is the call itself: {"name": ..., "arguments": {...}} by the schema.
+        if (!g.req.json_schema.empty() || !g.req.grammar.empty())
+            bad("tool_choice", "a required or named tool_choice cannot be combined with response_format or grammar");
+        g.req.json_schema = server::forced_call_schema(g.tools);
+        try {
+            (void)Grammar::cached_json_schema(g.req.json_schema);
+        } catch (const Error& e) {
+            bad("tools", e.what());
+        }
+    }
     for (auto& s : chat.stop_strings()) g.req.stop.push_back(s);
     g.chat_logprobs = opt_bool(body, "logprobs").value_or(false);
     if (auto n = opt_int(body, "top_logprobs", 0, SamplingParams::k_max_logprobs)) {
@@ -652,6 +686,8 @@ asio::awaitable<void> Api::Impl::generate(Exchange& ex, GenSpec& g) {
         return e;
     };
 
+    // With tools the text is held back until it ends: it may be a call, sent as tool_calls.
+    const bool hold = g.tools.active();
     bool ok = true;
     if (g.stream) {
         ok = co_await ex.stream_begin(200, "text/event-stream");
@@ -685,7 +721,7 @@ asio::awaitable<void> Api::Impl::generate(Exchange& ex, GenSpec& g) {
         else metrics.observe_itl(dt);
         last = now;
         ++n_gen;
-        if (g.stream) {
+        if (g.stream && !hold) {
             if (ev->text.empty() && !want_lp) continue;  // held back (a partial character or stop string)
             json choice;
             if (g.chat) {
@@ -734,15 +770,45 @@ asio::awaitable<void> Api::Impl::generate(Exchange& ex, GenSpec& g) {
         }
         co_return;
     }
+    // Tool calls in the held-back text: OpenAI's tool_calls, finish_reason "tool_calls".
+    server::ParsedCalls parsed;
+    if (hold) parsed = server::parse_tool_calls(text, g.tools);
+    if (hold && parsed.calls.empty()) parsed.content = text;
+    json tool_calls = json::array();
+    for (size_t i = 0; i < parsed.calls.size(); ++i) {
+        const std::string call_id = "call_" + random_hex([this] { return random(); }, 24);
+        tool_calls.push_back({{"id", call_id},
+                              {"type", "function"},
+                              {"function", {{"name", parsed.calls[i].name}, {"arguments", parsed.calls[i].arguments}}}});
+    }
+    const std::string finish = tool_calls.empty() ? finish_name(reason) : "tool_calls";
     metrics.count_finish(finish_name(reason));
     metrics.add_tokens(n_prompt, n_gen);
     json usage = usage_json(n_prompt, n_gen);
     if (g.stream) {
+        std::string out;
+        if (hold) {  // the held-back text, then the calls, as deltas
+            if (!parsed.content.empty() || g.chat_logprobs) {
+                json c = {{"index", 0}, {"delta", {{"content", parsed.content}}}, {"logprobs", nullptr}, {"finish_reason", nullptr}};
+                if (g.chat_logprobs) c["logprobs"] = lp_all;
+                out += sse(chunk(std::move(c)));
+            }
+            if (!tool_calls.empty()) {
+                json deltas = json::array();
+                for (size_t i = 0; i < tool_calls.size(); ++i) {
+                    json d = tool_calls[i];
+                    d["index"] = i;
+                    deltas.push_back(std::move(d));
+                }
+                json c = {{"index", 0}, {"delta", {{"tool_calls", std::move(deltas)}}}, {"logprobs", nullptr}, {"finish_reason", nullptr}};
+                out += sse(chunk(std::move(c)));
+            }
+        }
         json last_choice = g.chat ? json{{"index", 0}, {"delta", json::object()}, {"logprobs", nullptr},
-                                         {"finish_reason", finish_name(reason)}}
+                                         {"finish_reason", finish}}
                                   : json{{"text", ""}, {"index", 0}, {"logprobs", nullptr},
-                                         {"finish_reason", finish_name(reason)}};
-        std::string out = sse(chunk(std::move(last_choice)));
+                                         {"finish_reason", finish}};
+        out += sse(chunk(std::move(last_choice)));
         if (g.include_usage) {
             json u = {{"id", id}, {"object", object}, {"created", created}, {"model", opt.model_name},
                       {"choices", json::array()}, {"usage", usage}};
@@ -754,10 +820,15 @@ asio::awaitable<void> Api::Impl::generate(Exchange& ex, GenSpec& g) {
     }
     json choice;
     if (g.chat) {
+        json message = {{"role", "assistant"}, {"content", hold ? parsed.content : text}};
+        if (!tool_calls.empty()) {
+            if (parsed.content.empty()) message["content"] = nullptr;
+            message["tool_calls"] = std::move(tool_calls);
+        }
         choice = {{"index", 0},
-                  {"message", {{"role", "assistant"}, {"content", text}}},
+                  {"message", std::move(message)},
                   {"logprobs", g.chat_logprobs ? lp_all : json(nullptr)},
-                  {"finish_reason", finish_name(reason)}};
+                  {"finish_reason", finish}};
     } else {
         choice = {{"text", text},
                   {"index", 0},

@@ -186,6 +186,57 @@ async function main() {
       check(typeof doc.title === "string" && Number.isInteger(doc.stars), "members of the schema");
     });
 
+    const tools = [{
+      type: "function",
+      function: {
+        name: "get_weather", description: "Current weather in a city",
+        parameters: {
+          type: "object", properties: { city: { type: "string", maxLength: 16 }, unit: { enum: ["c", "f"] } },
+          required: ["city", "unit"], additionalProperties: false,
+        },
+      },
+    }];
+    const ask = [{ role: "user", content: "What is the weather in Oslo?" }];
+    const forced = { type: "function", function: { name: "get_weather" } };
+    const check_args = (args) => {
+      const a = JSON.parse(args);
+      check_eq(Object.keys(a).join(","), "city,unit", "arguments in the schema's order");
+      check(typeof a.city === "string" && [...a.city].length <= 16 && ["c", "f"].includes(a.unit), "arguments obey the schema");
+    };
+    await t.run("a tool call round trip: the call, the tool's result, then an answer", async () => {
+      const r = await client.chat.completions.create({
+        model: model_id, messages: ask, tools, tool_choice: forced, max_tokens: 120, seed: 11 });
+      const c = r.choices[0];
+      check_eq(c.finish_reason, "tool_calls", "finish_reason");
+      check(c.message.content === null, "no content beside the call");
+      check_eq(c.message.tool_calls.length, 1, "one call");
+      const call = c.message.tool_calls[0];
+      check_eq(call.type, "function", "call type");
+      check_eq(call.function.name, "get_weather", "function name");
+      check_args(call.function.arguments);
+      const r2 = await client.chat.completions.create({
+        model: model_id, tools, max_tokens: 16, seed: 12,
+        messages: [...ask, c.message, { role: "tool", tool_call_id: call.id, content: '{"temp": 12, "unit": "c"}' }] });
+      check(typeof r2.choices[0].message.content === "string", "the answer after the result is text");
+      check(r2.usage.prompt_tokens > r.usage.prompt_tokens, "the call and the result are in the prompt");
+    });
+
+    await t.run("the same call streamed: tool_calls deltas and finish_reason tool_calls", async () => {
+      const stream = await client.chat.completions.create({
+        model: model_id, messages: ask, tools, tool_choice: "required", max_tokens: 120, seed: 13, stream: true });
+      const chunks = await collect(stream);
+      const deltas = chunks.filter((c) => c.choices && c.choices.length > 0 && c.choices[0].delta.tool_calls)
+        .flatMap((c) => c.choices[0].delta.tool_calls);
+      check(deltas.length >= 1, "tool_calls deltas arrive");
+      const name = deltas.map((d) => (d.function && d.function.name) || "").join("");
+      const args = deltas.map((d) => (d.function && d.function.arguments) || "").join("");
+      check_eq(name, "get_weather", "the streamed function name");
+      check_args(args);
+      const finish = chunks.filter((c) => c.choices && c.choices.length > 0 && c.choices[0].finish_reason);
+      check_eq(finish.length, 1, "one finish chunk");
+      check_eq(finish[0].choices[0].finish_reason, "tool_calls", "finish_reason");
+    });
+
     await t.run("an unsupported schema keyword is a 400 APIError naming response_format", async () => {
       try {
         await client.chat.completions.create({

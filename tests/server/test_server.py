@@ -825,6 +825,79 @@ def test_structured(srv):
               and r["error"]["param"] == param, (st, r))
 
 
+def test_tools(srv):
+    """OpenAI function tools on /v1/chat/completions: a required or named tool_choice gives a
+    tool call whose arguments obey the function's schema (streamed and not), the call and the
+    tool's result go back into the next turn, auto leaves plain text as content, bad tools are
+    400s naming their field."""
+    weather = {"type": "function", "function": {
+        "name": "get_weather", "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 16},
+                                                        "unit": {"enum": ["c", "f"]}},
+                       "required": ["city", "unit"]}}}
+    clock = {"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {},
+                                                                            "additionalProperties": False}}}
+    msgs = [{"role": "user", "content": "Weather in Oslo?"}]
+
+    def call_of(r):
+        m = r["choices"][0]["message"]
+        calls = m.get("tool_calls") or []
+        if r["choices"][0]["finish_reason"] != "tool_calls" or len(calls) != 1 or m["content"] is not None:
+            return None
+        c = calls[0]
+        return c if c["type"] == "function" and c["id"].startswith("call_") else None
+
+    for seed in range(4):
+        st, r = srv.json("/v1/chat/completions", {"messages": msgs, "tools": [weather, clock], "seed": seed,
+                                                  "temperature": 1.0, "max_tokens": 120, "tool_choice": "required"})
+        c = call_of(r) if st == 200 else None
+        ok = False
+        if c:
+            args = json.loads(c["function"]["arguments"])
+            ok = (c["function"]["name"] == "now" and args == {}) or (
+                c["function"]["name"] == "get_weather" and list(args) == ["city", "unit"]
+                and len(args["city"]) <= 16 and args["unit"] in ("c", "f"))
+        check(f"tool_choice required gives a valid call (seed {seed})", ok, r)
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    st, r = srv.json("/v1/chat/completions", {"messages": msgs, "tools": [weather, clock], "seed": 1,
+                                              "max_tokens": 120, "tool_choice": named})
+    c = call_of(r) if st == 200 else None
+    check("named tool_choice calls that function", c is not None and c["function"]["name"] == "get_weather", r)
+    st, events, done = srv.stream("/v1/chat/completions", {"messages": msgs, "tools": [weather], "seed": 2,
+                                                           "max_tokens": 120, "tool_choice": named, "stream": True})
+    deltas = [d for e in events for d in (e["choices"][0]["delta"].get("tool_calls") or []) if e.get("choices")]
+    finish = [e["choices"][0]["finish_reason"] for e in events if e.get("choices") and e["choices"][0]["finish_reason"]]
+    try:
+        ok = (st == 200 and done and len(deltas) == 1 and deltas[0]["index"] == 0 and finish == ["tool_calls"]
+              and set(json.loads(deltas[0]["function"]["arguments"])) == {"city", "unit"})
+    except (ValueError, KeyError):
+        ok = False
+    check("streamed tool call", ok, events)
+    if c:  # the round trip: the call and its result in the next turn, then an answer in text
+        follow = msgs + [{"role": "assistant", "content": None, "tool_calls": [c]},
+                         {"role": "tool", "tool_call_id": c["id"], "content": '{"temp": 12}'}]
+        st, r = srv.json("/v1/chat/completions", {"messages": follow, "tools": [weather], "tool_choice": "none",
+                                                  "max_tokens": 16, "seed": 5})
+        check("tool result round trip", st == 200 and isinstance(r["choices"][0]["message"]["content"], str)
+              and "tool_calls" not in r["choices"][0]["message"]
+              and r["usage"]["prompt_tokens"] > 0, r)
+    st, r = srv.json("/v1/chat/completions", {"messages": msgs, "tools": [weather], "max_tokens": 12, "seed": 6})
+    check("auto: text that is no call stays content", st == 200 and r["choices"][0]["finish_reason"] in ("stop", "length")
+          and isinstance(r["choices"][0]["message"]["content"], str), r)
+    for name, body, param in [
+            ("tools not an array", {"tools": {}}, "tools"),
+            ("bad function name", {"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools"),
+            ("unknown tool_choice", {"tools": [weather], "tool_choice": "always"}, "tool_choice"),
+            ("tool_choice names no tool", {"tools": [weather], "tool_choice": {"type": "function",
+                                                                                "function": {"name": "x"}}}, "tool_choice"),
+            ("forced call with a grammar", {"tools": [weather], "tool_choice": "required",
+                                            "grammar": 'root ::= "a"'}, "tool_choice"),
+            ("bad role", {"messages": [{"role": "robot", "content": "x"}]}, "messages")]:
+        st, r = srv.json("/v1/chat/completions", dict({"messages": msgs, "max_tokens": 4}, **body))
+        check(f"tools: {name} is a 400 naming {param}", st == 400 and is_error(r)
+              and r["error"]["param"] == param, (st, r))
+
+
 def test_data_parallel():
     """Two engine replicas behind one server (CPU engines here; one per GPU with --device cuda):
     the work spreads over both, outputs are those of one engine, a prompt sent again returns to
@@ -902,6 +975,7 @@ def main():
         test_disconnects(srv)
         test_hostile_bodies_do_not_stall(srv)
         test_structured(srv)
+        test_tools(srv)
         check("server still running", srv.proc.poll() is None, srv.proc.poll())
     finally:
         srv.stop()
