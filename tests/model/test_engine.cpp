@@ -853,7 +853,9 @@ TEST_CASE("soak: 10 rounds of 300 streams with random cancellations and 5% of st
     std::mt19937 rng(777);
     int64_t n_ok = 0, n_failed = 0, n_cancelled = 0, n_wrong = 0;
     std::vector<int64_t> rss;
-    constexpr int k_rounds = 10;
+    // COINFER_SOAK_ROUNDS (2 or more, default 10): fewer for a run under compute-sanitizer.
+    const char* env_rounds = std::getenv("COINFER_SOAK_ROUNDS");
+    const int k_rounds = std::max(2, env_rounds && *env_rounds ? std::atoi(env_rounds) : 10);
     for (int round = 0; round < k_rounds; ++round) {
         for (int i = 0; i < 300; ++i) {
             Request req = greedy(k_prompts[rng() % std::size(k_prompts)], std::uniform_int_distribution<int32_t>(8, 64)(rng));
@@ -902,7 +904,9 @@ TEST_CASE("soak: 10 rounds of 300 streams with random cancellations and 5% of st
     }
     CHECK(n_wrong == 0);
     CHECK(n_failed > 0);  // the hook did fail steps
-    CHECK(n_ok > 30);     // and requests that met no fault came through, identical to their solo runs
+    // and requests that met no fault came through, identical to their solo runs (on the GPU a
+    // failed step fails every request in it, so most meet a fault: ~20 a round come through).
+    CHECK(n_ok > 3 * k_rounds);
     // The later rounds hold no more memory than the second (caches and arenas warm by then).
     if (rss[1] > 0) CHECK(rss[k_rounds - 1] <= rss[1] + (16 << 20));
     const EngineStats st = engine.stats();
