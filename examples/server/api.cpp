@@ -686,8 +686,10 @@ asio::awaitable<void> Api::Impl::generate(Exchange& ex, GenSpec& g) {
         return e;
     };
 
-    // With tools the text is held back until it ends: it may be a call, sent as tool_calls.
+    // With tools the text may be a call, sent as tool_calls when the text ends: a forced call is
+    // held back whole, with "auto" the text before a call streams as it comes.
     const bool hold = g.tools.active();
+    server::ToolTextStream tool_text;
     bool ok = true;
     if (g.stream) {
         ok = co_await ex.stream_begin(200, "text/event-stream");
@@ -743,6 +745,15 @@ asio::awaitable<void> Api::Impl::generate(Exchange& ex, GenSpec& g) {
             else if (g.n_logprobs >= 0) completion_lp(*ev, lp_all);
             text_offset += ev->text.size();
             text += ev->text;
+            if (g.stream && hold && !g.tools.forced()) {
+                const std::string_view piece_out = tool_text.next(text);
+                if (!piece_out.empty()) {
+                    json c = {{"index", 0}, {"delta", {{"content", std::string(piece_out)}}}, {"logprobs", nullptr},
+                              {"finish_reason", nullptr}};
+                    const std::string out = sse(chunk(std::move(c)));
+                    ok = co_await ex.stream_write(out);
+                }
+            }
         }
     }
     ex.on_peer_closed(nullptr);
@@ -788,8 +799,12 @@ asio::awaitable<void> Api::Impl::generate(Exchange& ex, GenSpec& g) {
     if (g.stream) {
         std::string out;
         if (hold) {  // the held-back text, then the calls, as deltas
-            if (!parsed.content.empty() || g.chat_logprobs) {
-                json c = {{"index", 0}, {"delta", {{"content", parsed.content}}}, {"logprobs", nullptr}, {"finish_reason", nullptr}};
+            // What was streamed is a prefix of the text outside the calls (it stops at a call).
+            std::string rest = tool_calls.empty() ? text : parsed.outside;
+            rest.erase(0, std::min(rest.size(), tool_text.sent()));
+            if (!tool_calls.empty()) rest = rest.substr(0, rest.find_last_not_of(" \t\r\n") + 1);
+            if (!rest.empty() || g.chat_logprobs) {
+                json c = {{"index", 0}, {"delta", {{"content", rest}}}, {"logprobs", nullptr}, {"finish_reason", nullptr}};
                 if (g.chat_logprobs) c["logprobs"] = lp_all;
                 out += sse(chunk(std::move(c)));
             }

@@ -181,7 +181,37 @@ ParsedCalls parse_tool_calls(std::string_view text, const Tools& t) {
         }
     }
     r.content = std::string(trim(rest));
+    r.outside = std::move(rest);
     return r;
+}
+
+std::string_view ToolTextStream::next(const std::string& text) {
+    if (stopped_) return {};
+    const std::string_view t(text);
+    const size_t first = t.find_first_not_of(" \t\r\n");
+    if (first == std::string_view::npos) return {};  // only blanks so far
+    if (t[first] == '{') {  // perhaps a bare call: hold it all (nothing was sent: the text only grows)
+        stopped_ = true;
+        return {};
+    }
+    // Search from just before what was sent, so a tag split over two pieces is found.
+    const size_t from = sent_ > k_open.size() ? sent_ - k_open.size() : 0;
+    size_t end = t.size();
+    if (const size_t open = t.find(k_open, from); open != std::string_view::npos) {
+        end = open;
+        stopped_ = true;
+    } else {
+        // Hold back a tail that could be the start of the tag.
+        for (size_t n = std::min(k_open.size() - 1, t.size()); n > 0; --n)
+            if (k_open.substr(0, n) == t.substr(t.size() - n)) {
+                end = t.size() - n;
+                break;
+            }
+    }
+    if (end <= sent_) return {};
+    const std::string_view out = t.substr(sent_, end - sent_);
+    sent_ = end;
+    return out;
 }
 
 std::string render_tool_calls(const nlohmann::json& tool_calls) {

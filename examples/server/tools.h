@@ -60,6 +60,7 @@ struct ToolCall {
 struct ParsedCalls {
     std::vector<ToolCall> calls;
     std::string content;  // the text outside the calls, trimmed
+    std::string outside;  // the same, untrimmed
 };
 
 // The calls in a completion: every <tool_call>...</tool_call> block (the closing tag may be
@@ -67,6 +68,19 @@ struct ParsedCalls {
 // (or "parameters", Llama 3.1's spelling); else the whole text when it is one such object.
 // Text that is neither stays content.
 ParsedCalls parse_tool_calls(std::string_view text, const Tools& t);
+
+// What of a growing completion may be streamed as content while tool_choice is "auto": the text
+// up to a <tool_call> (and not a tail that could begin one); nothing once a call has begun or
+// when the text opens with '{' (it may be a bare call). next() gives the newly streamable text.
+class ToolTextStream {
+public:
+    std::string_view next(const std::string& text);
+    size_t sent() const { return sent_; }
+
+private:
+    size_t sent_ = 0;
+    bool stopped_ = false;
+};
 
 // How an assistant turn that made calls is written back into the prompt.
 std::string render_tool_calls(const nlohmann::json& tool_calls);

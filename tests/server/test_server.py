@@ -881,9 +881,15 @@ def test_tools(srv):
         check("tool result round trip", st == 200 and isinstance(r["choices"][0]["message"]["content"], str)
               and "tool_calls" not in r["choices"][0]["message"]
               and r["usage"]["prompt_tokens"] > 0, r)
-    st, r = srv.json("/v1/chat/completions", {"messages": msgs, "tools": [weather], "max_tokens": 12, "seed": 6})
+    st, r = srv.json("/v1/chat/completions", {"messages": msgs, "tools": [weather], "max_tokens": 24, "seed": 6})
     check("auto: text that is no call stays content", st == 200 and r["choices"][0]["finish_reason"] in ("stop", "length")
           and isinstance(r["choices"][0]["message"]["content"], str), r)
+    st, events, done = srv.stream("/v1/chat/completions", {"messages": msgs, "tools": [weather], "max_tokens": 24,
+                                                           "seed": 6, "stream": True})
+    pieces = [e["choices"][0]["delta"].get("content") or "" for e in events if e.get("choices")]
+    check("auto, streamed: the text arrives in pieces, the same text as unstreamed",
+          st == 200 and done and sum(1 for p in pieces if p) >= 3
+          and "".join(pieces) == r["choices"][0]["message"]["content"], (pieces, r))
     for name, body, param in [
             ("tools not an array", {"tools": {}}, "tools"),
             ("bad function name", {"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools"),

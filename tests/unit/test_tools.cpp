@@ -142,3 +142,28 @@ TEST_CASE("calls and results written back into the prompt") {
     CHECK(sys.find("\"name\":\"get_weather\"") != std::string::npos);
     CHECK(sys.find("Call the function now now.") != std::string::npos);
 }
+
+TEST_CASE("with tool_choice auto the text before a call streams, a possible tag is held back") {
+    auto streamed = [](std::vector<std::string> pieces) {
+        ToolTextStream s;
+        std::string text, out;
+        for (const auto& p : pieces) {
+            text += p;
+            out += s.next(text);
+        }
+        return out;
+    };
+    CHECK(streamed({"Hello ", "wor", "ld <to", "ol_call>{\"name\": \"now\"}</tool_call> after"}) == "Hello world ");
+    CHECK(streamed({"Let me ", "<", "tool_call>"}) == "Let me ");
+    CHECK(streamed({"a <b", "> c <", "tool"}) == "a <b> c ");  // "<tool" could still become the tag
+    CHECK(streamed({"  ", "{\"name\"", ": \"now\"}"}).empty());   // perhaps a bare call: nothing yet
+    CHECK(streamed({"x = {1}"}) == "x = {1}");
+    // After the stream, the text outside the calls that was not sent is what remains.
+    const Tools t = tools_of(k_body);
+    const std::string text = "Checking. <tool_call>{\"name\": \"now\", \"arguments\": {}}</tool_call> Done.";
+    ToolTextStream s;
+    const std::string sent(s.next(text));
+    const ParsedCalls p = parse_tool_calls(text, t);
+    CHECK(sent == "Checking. ");
+    CHECK(p.outside.substr(s.sent()) == " Done.");
+}
