@@ -5,10 +5,14 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <map>
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "chat_template.h"
+#include "jinja.h"
 #include "error.h"
 #include "gguf.h"
 #include "test_models.h"
@@ -400,4 +404,106 @@ TEST_CASE("for_model on a real GGUF: phi-3's vocabulary carries its chat templat
     auto t = ChatTemplate::for_model(f, std::nullopt);
     CHECK(t.name() == "phi3");
     CHECK(t.apply(kConversation) == kExpPhi3);
+}
+
+TEST_CASE("the Jinja interpreter renders the real templates as transformers does") {
+    // Where llama.cpp's hand-written formats follow the template exactly, its expected prompt is
+    // the template's output; where they do not, the template's own output is written out here.
+    const std::map<std::string, std::string> own = {
+        {"FusionNet_34Bx2_MoE",  // ' ' + content + ' ' + eos_token, bos_token before later turns
+         "[INST] <<SYS>>\nYou are a helpful assistant\n<</SYS>>\n\nHello [/INST] Hi there </s><s>[INST] Who are "
+         "you [/INST]    I am an assistant    </s><s>[INST] Another question [/INST]"},
+        {"vigogne-2-70b-chat",
+         "[INST] <<SYS>>\nYou are a helpful assistant\n<</SYS>>\n\nHello [/INST] Hi there </s>[INST] Who are you "
+         "[/INST] I am an assistant </s>[INST] Another question [/INST]"},
+        {"Llama-2-7b-chat",  // bos_token + '[INST] ' + content.strip() ... ' ' + content.strip() + ' ' + eos_token
+         "[INST] <<SYS>>\nYou are a helpful assistant\n<</SYS>>\n\nHello [/INST] Hi there </s><s>[INST] Who are "
+         "you [/INST] I am an assistant </s><s>[INST] Another question [/INST]"},
+        {"Phi-3-mini",  // its template drops system messages
+         "<|user|>\nHello<|end|>\n<|assistant|>\nHi there<|end|>\n<|user|>\nWho are you<|end|>\n<|assistant|>\n"
+         "   I am an assistant   <|end|>\n<|user|>\nAnother question<|end|>\n<|assistant|>\n"},
+    };
+    jinja::Value msgs = jinja::Value::array();
+    for (const auto& m : kConversation)
+        msgs.a->push_back(jinja::Value::object({{"role", jinja::Value::string(m.role)}, {"content", jinja::Value::string(m.content)}}));
+    int n_llama_cpp = 0;
+    for (const Vector& v : kVectors) {
+        const std::string model = v.model;
+        CAPTURE(model);
+        const jinja::Value ctx = jinja::Value::object({{"messages", msgs},
+                                                       {"add_generation_prompt", jinja::Value::boolean(true)},
+                                                       {"bos_token", jinja::Value::string("<s>")},
+                                                       {"eos_token", jinja::Value::string("</s>")}});
+        std::string got;
+        const std::string err = error_of([&] { got = jinja::Template(v.source).render(ctx); });
+        if (got.rfind("<s>", 0) == 0) got.erase(0, 3);  // the tokenizer adds BOS itself
+        if (model == "Mistral-7B-Instruct-v0.2 (old)") {  // it refuses a system message
+            CHECK(err == "chat template: Conversation roles must alternate user/assistant/user/assistant/...");
+        } else if (model.find("(v3") != std::string::npos) {  // these vectors hold only part of the template
+            CHECK(err == "");
+        } else if (own.count(model)) {
+            CHECK(err == "");
+            CHECK(got == own.at(model));
+        } else {
+            CHECK(err == "");
+            CHECK(got == std::string(v.expected));
+            ++n_llama_cpp;
+        }
+    }
+    CHECK(n_llama_cpp == 9);
+}
+
+TEST_CASE("jinja: expressions, filters, loops, macros and namespaces as Python's Jinja") {
+    auto render = [](const std::string& src, const std::string& ctx_json = "{}") {
+        return jinja::Template(src).render(jinja::Value::from_json(nlohmann::ordered_json::parse(ctx_json)));
+    };
+    CHECK(render("{{ 1 + 2 * 3 }} {{ 7 // 2 }} {{ -7 // 2 }} {{ 7 % 3 }} {{ 2 ** 10 }} {{ 1 / 2 }}") == "7 3 -4 1 1024 0.5");
+    CHECK(render("{{ 'a' ~ 1 ~ none }} {{ 'x' * 3 }} {{ [1, 2] + [3] }}") == "a1None xxx [1, 2, 3]");
+    CHECK(render("{{ x | tojson }}", R"({"x": {"b": [1, 2.5, "q\""], "a": null, "t": true}})") ==
+          R"({"b": [1, 2.5, "q\""], "a": null, "t": true})");
+    CHECK(render("{{ x | tojson(indent=2) }}", R"({"x": {"a": [1]}})") == "{\n  \"a\": [\n    1\n  ]\n}");
+    CHECK(render("{{ '  hi  ' | trim }}|{{ 'Hello' | upper }}|{{ 'ab' | length }}|{{ [3, 4] | first }}") == "hi|HELLO|2|3");
+    CHECK(render("{{ xs | join(', ') }}|{{ xs | map('upper') | join }}", R"({"xs": ["a", "b"]})") == "a, b|AB");
+    CHECK(render("{{ ms | selectattr('role', 'equalto', 'user') | map(attribute='c') | list }}",
+                 R"({"ms": [{"role": "user", "c": 1}, {"role": "x", "c": 2}, {"role": "user", "c": 3}]})") == "[1, 3]");
+    CHECK(render("{{ y | default('d') }} {{ x.missing is defined }} {{ x['a'] }} {{ x.get('z', 5) }}", R"({"x": {"a": 1}})") ==
+          "d False 1 5");
+    CHECK(render("{% for k, v in d.items() %}{{ k }}={{ v }}{% if not loop.last %},{% endif %}{% endfor %}",
+                 R"({"d": {"b": 1, "a": 2}})") == "b=1,a=2");
+    CHECK(render("{% for i in range(5) if i is odd %}{{ loop.index }}:{{ i }} {% else %}none{% endfor %}") == "1:1 2:3 ");
+    CHECK(render("{% for i in [] %}x{% else %}empty{% endfor %}") == "empty");
+    CHECK(render("{% for i in range(10) %}{% if i == 3 %}{% break %}{% endif %}{% if i == 1 %}{% continue %}{% endif %}{{ i }}{% endfor %}") ==
+          "02");
+    CHECK(render("{% set ns = namespace(n=0) %}{% for i in range(4) %}{% set ns.n = ns.n + i %}{% endfor %}{{ ns.n }}") == "6");
+    CHECK(render("{% set n = 1 %}{% for i in range(3) %}{% set n = n + 1 %}{% endfor %}{{ n }}") == "1");  // loop scope
+    CHECK(render("{% macro greet(who, p='Hi') %}{{ p }} {{ who }}{% endmacro %}{{ greet('A') }}/{{ greet('B', p='Yo') }}") ==
+          "Hi A/Yo B");
+    CHECK(render("{% set t %}in{{ 1 }}{% endset %}[{{ t }}]") == "[in1]");
+    CHECK(render("{{ 'a,b,,c'.split(',') }} {{ ' x y '.split() }} {{ 'abc'.startswith('ab') }} {{ 'Tom'[1:] }} {{ [1,2,3][::-1] }}") ==
+          "['a', 'b', '', 'c'] ['x', 'y'] True om [3, 2, 1]");
+    CHECK(render("{{ 'yes' if x else 'no' }} {{ 'in' if 'b' in 'abc' }} {{ 2 in [1, 2] and 3 not in [1] }}", R"({"x": 0})") ==
+          "no in True");
+    // trim_blocks and lstrip_blocks, as transformers renders chat templates; '-' control.
+    CHECK(render("a\n  {% if true %}\nb\n  {% endif %}\nc") == "a\nb\nc");
+    CHECK(render("a  {{- ' b ' -}}  c {# note #}d") == "a b c d");
+    CHECK(render("{% raw %}{{ not rendered }}{% endraw %}") == "{{ not rendered }}");
+}
+
+TEST_CASE("jinja: bad and hostile templates are errors with a line, never a hang") {
+    auto err = [](const std::string& src) {
+        return error_of([&] { jinja::Template(src).render(jinja::Value::object()); });
+    };
+    CHECK(err("{% if x %}") .find("missing 'endif'") != std::string::npos);
+    CHECK(err("line1\n{{ x | nosuchfilter }}").find("line 2: unknown filter 'nosuchfilter'") != std::string::npos);
+    CHECK(err("{% include 'x' %}").find("unsupported statement 'include'") != std::string::npos);
+    CHECK(err("{{ 1 +* 2 }}") != "");
+    CHECK(err("{{ 'open }}") != "");
+    CHECK(err("{{ raise_exception('no system role') }}") == "chat template: no system role");
+    CHECK(err("{{ " + std::string(200, '(') + "1" + std::string(200, ')') + " }}").find("nested too deeply") != std::string::npos);
+    CHECK(err("{% for i in range(100000000) %}{% endfor %}").find("range() too long") != std::string::npos);
+    CHECK(err("{% for i in range(200000) %}{% for j in range(200000) %}{% endfor %}{% endfor %}")
+              .find("too many loop iterations") != std::string::npos);
+    CHECK(err("{% set s = 'x' * 1000 %}{% for i in range(200000) %}{{ s }}{% endfor %}").find("output passed") !=
+          std::string::npos);
+    CHECK(err("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}").find("nested too deeply") != std::string::npos);
 }
