@@ -50,6 +50,9 @@ int cmd_serve(Args& args) {
             "                           (default 30; a second signal exits at once)\n"
             "  --chat-template NAME     llama2, llama3, chatml, mistral, zephyr or phi3\n"
             "                           (default: recognised from the model)\n"
+            "  --jinja                  render chats with the model's own tokenizer.chat_template\n"
+            "                           (a Jinja interpreter; tools go to the template when it reads\n"
+            "                           them); one that cannot be parsed falls back, with a warning\n"
             "  --model-name NAME        the model id clients see (default: the file name)\n"
             "  -c, --ctx-size N         per-request context (default: the model's)\n"
             "  --device cpu|cuda[:N]|auto backend (default auto: cuda:0 when present)\n"
@@ -101,6 +104,7 @@ int cmd_serve(Args& args) {
         }
     }
     auto chat_template = args.value("--chat-template");
+    const bool use_jinja = args.flag("--jinja");
     auto model_name = args.value("--model-name");
 
     EngineOptions eopt;
@@ -128,6 +132,14 @@ int cmd_serve(Args& args) {
     auto model = Model::load(*model_path);
     // An unknown --chat-template is an error now, not at the first chat request.
     ChatTemplate chat = ChatTemplate::for_model(model->file(), chat_template);
+    if (use_jinja && !chat_template) {
+        try {
+            chat = ChatTemplate::for_model(model->file(), chat_template, true);
+            std::fprintf(stderr, "chat template: the model's own (Jinja%s)\n", chat.renders_tools() ? ", with tools" : "");
+        } catch (const Error& e) {
+            std::fprintf(stderr, "warning: --jinja: %s; using the built-in '%s' format\n", e.what(), chat.name().c_str());
+        }
+    }
     eopt.loaded = model;
     aopt.model_name = model_name.value_or(std::filesystem::path(*model_path).filename().string());
     aopt.n_ctx = eopt.n_ctx > 0 ? eopt.n_ctx

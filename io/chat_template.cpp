@@ -2,12 +2,14 @@
 
 #include <algorithm>
 #include <array>
+#include <cctype>
 #include <utility>
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
 #include "error.h"
+#include "jinja.h"
 
 namespace coinfer {
 namespace {
@@ -220,9 +222,51 @@ ChatTemplate ChatTemplate::detect(std::string_view src) {
                 excerpt(src), all_names());
 }
 
-ChatTemplate ChatTemplate::for_model(const GgufFile& file, const std::optional<std::string>& override_name) {
+namespace {
+
+// The text of a special token named by its id key (tokenizer.ggml.bos_token_id ...), or "".
+std::string token_text(const GgufFile& file, const char* id_key) {
+    auto id = file.get_int_opt(id_key);
+    if (!id || !file.has("tokenizer.ggml.tokens")) return "";
+    try {
+        const auto& tokens = file.get_array<std::string>("tokenizer.ggml.tokens");
+        if (*id >= 0 && static_cast<uint64_t>(*id) < tokens.size()) return tokens[*id];
+    } catch (const Error&) {
+        // a malformed vocabulary is the tokenizer's to report
+    }
+    return "";
+}
+
+}  // namespace
+
+ChatTemplate ChatTemplate::from_jinja(std::string_view src, std::string bos_text, std::string eos_text) {
+    ChatTemplate t("jinja");  // a known family gives the stop strings
+    try {
+        t = detect(src);
+    } catch (const Error&) {
+    }
+    t.jinja_ = std::make_shared<const jinja::Template>(src);
+    t.jinja_renders_tools_ = src.find("tools") != std::string_view::npos;
+    t.bos_text_ = std::move(bos_text);
+    t.jinja_eos_text_ = std::move(eos_text);
+    if (t.name_ == "zephyr" && !t.jinja_eos_text_.empty() && src.find("<|endoftext|>") == std::string_view::npos)
+        t.eos_text_ = t.jinja_eos_text_;
+    return t;
+}
+
+ChatTemplate ChatTemplate::for_model(const GgufFile& file, const std::optional<std::string>& override_name,
+                                     bool use_jinja) {
     if (override_name) return from_name(*override_name);
     auto src = file.get_opt<std::string>("tokenizer.chat_template");
+    if (use_jinja) {
+        if (!src) throw_error("{}: no tokenizer.chat_template for --jinja", file.path());
+        try {
+            return from_jinja(*src, token_text(file, "tokenizer.ggml.bos_token_id"),
+                              token_text(file, "tokenizer.ggml.eos_token_id"));
+        } catch (const Error& e) {
+            throw_error("{}: tokenizer.chat_template: {}", file.path(), e.what());
+        }
+    }
     if (!src) return ChatTemplate("chatml");
     ChatTemplate t = [&] {
         try {
@@ -247,9 +291,69 @@ ChatTemplate ChatTemplate::for_model(const GgufFile& file, const std::optional<s
 }
 
 std::string ChatTemplate::apply(std::span<const ChatMessage> msgs, bool add_ass,
-                                std::vector<std::pair<size_t, size_t>>* content_ranges) const {
-    std::string text;
+                                std::vector<std::pair<size_t, size_t>>* content_ranges,
+                                const std::string* tools_json) const {
     if (content_ranges) content_ranges->clear();
+    if (jinja_) {
+        using J = nlohmann::ordered_json;
+        jinja::Value messages = jinja::Value::array();
+        for (const ChatMessage& m : msgs) {
+            jinja::Value v = jinja::Value::object({{"role", jinja::Value::string(m.role)},
+                                                   {"content", jinja::Value::string(m.content)}});
+            if (!m.tool_calls.empty()) {
+                // Templates read function.arguments as a mapping (transformers' convention).
+                J calls = J::parse(m.tool_calls, nullptr, false);
+                if (calls.is_array())
+                    for (J& c : calls)
+                        if (c.is_object() && c.contains("function") && c["function"].is_object() &&
+                            c["function"].contains("arguments") && c["function"]["arguments"].is_string()) {
+                            J args = J::parse(c["function"]["arguments"].get<std::string>(), nullptr, false);
+                            if (!args.is_discarded()) c["function"]["arguments"] = std::move(args);
+                        }
+                v.set("tool_calls", jinja::Value::from_json(calls.is_discarded() ? J::array() : calls));
+            }
+            if (!m.tool_call_id.empty()) v.set("tool_call_id", jinja::Value::string(m.tool_call_id));
+            messages.a->push_back(std::move(v));
+        }
+        jinja::Value ctx = jinja::Value::object({{"messages", messages},
+                                                 {"add_generation_prompt", jinja::Value::boolean(add_ass)},
+                                                 {"bos_token", jinja::Value::string(bos_text_)},
+                                                 {"eos_token", jinja::Value::string(jinja_eos_text_)}});
+        if (tools_json) {
+            const J tools = J::parse(*tools_json, nullptr, false);
+            if (tools.is_array()) ctx.set("tools", jinja::Value::from_json(tools));
+        }
+        std::string text = jinja_->render(ctx);
+        // The tokenizer adds BOS itself.
+        if (!bos_text_.empty() && text.starts_with(bos_text_)) text.erase(0, bos_text_.size());
+        if (content_ranges) {
+            // Each message's content, in order (trimmed if the template trims it), so that only
+            // the template's own text is tokenized with special tokens on.
+            size_t at = 0;
+            for (size_t k = 0; k < msgs.size(); ++k) {
+                std::string_view c = msgs[k].content;
+                if (c.empty()) continue;
+                size_t found = text.find(c, at);
+                if (found == std::string::npos) {
+                    while (!c.empty() && std::isspace(static_cast<unsigned char>(c.front()))) c.remove_prefix(1);
+                    while (!c.empty() && std::isspace(static_cast<unsigned char>(c.back()))) c.remove_suffix(1);
+                    if (c.empty()) continue;
+                    found = text.find(c, at);
+                }
+                if (found == std::string::npos) {
+                    // Not rendered at all (a template that drops system or tool turns) is fine;
+                    // rewritten text that can still hold control tokens is not.
+                    if (text.find(c.substr(0, std::min<size_t>(c.size(), 16))) == std::string::npos) continue;
+                    throw_error("the chat template rewrites message {}'s content, which then cannot be kept apart "
+                                "from the template's markers", k);
+                }
+                content_ranges->emplace_back(found, c.size());
+                at = found + c.size();
+            }
+        }
+        return text;
+    }
+    std::string text;
     Prompt out{text, content_ranges};
     const std::string& n = name_;
     if (n == "chatml") render_chatml(out, msgs, add_ass);

@@ -26,6 +26,7 @@
 // (add_special), so a template's leading {{ bos_token }} is left out, as llama.cpp does. Markers
 // inside the text (<|im_start|>, [INST], </s> between turns, ...) must be tokenized with special
 // token parsing on, and the messages' contents (apply's content_ranges) with it off.
+#include <memory>
 #include <optional>
 #include <span>
 #include <string>
@@ -38,9 +39,17 @@
 namespace coinfer {
 
 struct ChatMessage {
-    std::string role;     // "system", "user", "assistant"
+    std::string role;     // "system", "user", "assistant" ("tool" for a Jinja template)
     std::string content;
+    // For a Jinja template (the built-in formats take none of these): an assistant turn's
+    // OpenAI tool_calls as JSON text, and a tool result's tool_call_id.
+    std::string tool_calls{};
+    std::string tool_call_id{};
 };
+
+namespace jinja {
+class Template;
+}
 
 class ChatTemplate {
 public:
@@ -49,8 +58,15 @@ public:
     // Recognises a Jinja template source by distinctive substrings (a known name is accepted too).
     // Unrecognised: Error.
     static ChatTemplate detect(std::string_view jinja_source);
-    // The override name if given, else tokenizer.chat_template of the file, else chatml.
-    static ChatTemplate for_model(const GgufFile& file, const std::optional<std::string>& override_name);
+    // The override name if given, else tokenizer.chat_template of the file, else chatml. With
+    // use_jinja (and no override) the file's template itself renders the prompts, through the
+    // Jinja interpreter (jinja.h), with its family's stop strings where it has a known one;
+    // Error if the file has none or the interpreter cannot parse it.
+    static ChatTemplate for_model(const GgufFile& file, const std::optional<std::string>& override_name,
+                                  bool use_jinja = false);
+    // A Jinja template source rendered by the interpreter, with the model's BOS and EOS texts
+    // (bos_token / eos_token in the template). Error if it cannot be parsed.
+    static ChatTemplate from_jinja(std::string_view source, std::string bos_text, std::string eos_text);
     // The canonical names from_name accepts (aliases left out).
     static std::vector<std::string> known_names();
 
@@ -59,9 +75,16 @@ public:
     // Does not include the BOS token text: the tokenizer adds BOS (add_special) itself.
     // content_ranges, when given: (offset, length) of every message's content in the text, for
     // Tokenizer::encode to keep control-token text typed by a user as plain text.
+    // tools_json: the request's OpenAI tools (a JSON array) for a Jinja template that renders
+    // them (the built-in formats ignore it). A Jinja template that raises, or that rewrites a
+    // message's content so that it cannot be found in the text, is an Error.
     std::string apply(std::span<const ChatMessage> messages, bool add_generation_prompt = true,
-                      std::vector<std::pair<size_t, size_t>>* content_ranges = nullptr) const;
+                      std::vector<std::pair<size_t, size_t>>* content_ranges = nullptr,
+                      const std::string* tools_json = nullptr) const;
     const std::string& name() const { return name_; }
+    bool uses_jinja() const { return jinja_ != nullptr; }
+    // Whether the Jinja template reads `tools` (then it describes them itself).
+    bool renders_tools() const { return jinja_ && jinja_renders_tools_; }
     // Strings that end an assistant turn in this format (used as extra stop strings).
     std::vector<std::string> stop_strings() const;
     // The end-of-sequence text zephyr puts after each turn.
@@ -71,6 +94,9 @@ private:
     explicit ChatTemplate(std::string name) : name_(std::move(name)) {}
     std::string name_;
     std::string eos_text_ = "</s>";
+    std::shared_ptr<const jinja::Template> jinja_;
+    bool jinja_renders_tools_ = false;
+    std::string bos_text_, jinja_eos_text_;  // the model's BOS and EOS texts, for the Jinja context
 };
 
 }  // namespace coinfer

@@ -525,26 +525,42 @@ GenSpec Api::Impl::parse_chat(const json& body, std::string_view raw) {
                 bad("messages", "message content must be a string or a list of text parts");
             }
         }
+        // Calls and results: a Jinja template that renders tools takes them as they are; else
+        // they are written into the text in the tools' convention (tools.h).
+        const bool native = chat.renders_tools();
+        std::string tool_calls, tool_call_id;
         if (role == "assistant") {
             if (const json* calls = field(msg, "tool_calls")) {
                 if (!calls->is_array()) bad("messages", "an assistant message's tool_calls must be an array");
-                const std::string written = server::render_tool_calls(*calls);
-                content = content.empty() ? written : content + "\n" + written;
+                if (native) {
+                    tool_calls = calls->dump();
+                } else {
+                    const std::string written = server::render_tool_calls(*calls);
+                    content = content.empty() ? written : content + "\n" + written;
+                }
             }
         }
-        if (role == "tool") {  // a function's result: a user turn in the tools' convention
-            role = "user";
-            content = server::render_tool_result(content);
+        if (role == "tool") {
+            if (native) {
+                tool_call_id = opt_string(msg, "tool_call_id").value_or("");
+            } else {  // a function's result: a user turn in the tools' convention
+                role = "user";
+                content = server::render_tool_result(content);
+            }
         }
         if (!valid_utf8(content)) bad("messages", "message content is not valid UTF-8");
-        messages.push_back({std::move(role), std::move(content)});
+        messages.push_back({std::move(role), std::move(content), std::move(tool_calls), std::move(tool_call_id)});
     }
     try {
         g.tools = server::parse_tools(body, raw);
     } catch (const server::ToolsError& e) {
         bad(e.param, e.message);
     }
-    if (g.tools.active()) {  // the functions are described in the system turn
+    std::optional<std::string> tools_json;
+    if (g.tools.active() && chat.renders_tools()) {
+        // The model's own template describes the functions (OpenAI's tools, as sent).
+        tools_json = nlohmann::ordered_json::parse(raw)["tools"].dump();  // in the body's key order
+    } else if (g.tools.active()) {  // the functions are described in the system turn
         const std::string text = server::tools_system_text(g.tools);
         if (messages.front().role == "system") messages.front().content += "\n\n" + text;
         else messages.insert(messages.begin(), ChatMessage{"system", text});
@@ -552,7 +568,7 @@ GenSpec Api::Impl::parse_chat(const json& body, std::string_view raw) {
     std::string prompt;
     std::vector<std::pair<size_t, size_t>> contents;
     try {
-        prompt = chat.apply(messages, true, &contents);
+        prompt = chat.apply(messages, true, &contents, tools_json ? &*tools_json : nullptr);
     } catch (const Error& e) {
         bad("messages", e.what());
     }

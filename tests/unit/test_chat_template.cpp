@@ -208,6 +208,11 @@ const char* kExpZephyrEndoftext =
     "there<|endoftext|>\n<|user|>\nWho are you<|endoftext|>\n<|assistant|>\n   I am an assistant   "
     "<|endoftext|>\n<|user|>\nAnother question<|endoftext|>\n<|assistant|>\n";
 
+// Phi-3-mini's own template drops system messages (llama.cpp's phi3 format keeps them).
+const char* kOwnPhi3Mini =
+    "<|user|>\nHello<|end|>\n<|assistant|>\nHi there<|end|>\n<|user|>\nWho are you<|end|>\n<|assistant|>\n"
+    "   I am an assistant   <|end|>\n<|user|>\nAnother question<|end|>\n<|assistant|>\n";
+
 const Vector kVectors[] = {
     {"OpenHermes-2.5-Mistral-7B", kOpenHermes, "chatml", kExpChatml},
     {"Qwen2-7B-Instruct", kQwen2, "chatml", kExpChatml},
@@ -406,6 +411,72 @@ TEST_CASE("for_model on a real GGUF: phi-3's vocabulary carries its chat templat
     CHECK(t.apply(kConversation) == kExpPhi3);
 }
 
+TEST_CASE("for_model with Jinja: the file's own template renders, with content ranges and tools") {
+    auto path = coinfer::test::model_file("vocab/ggml-vocab-phi-3.gguf");
+    if (!path) return;
+    auto f = GgufFile::open(*path);
+    auto t = ChatTemplate::for_model(f, std::nullopt, true);
+    CHECK(t.uses_jinja());
+    CHECK(t.name() == "phi3");  // its family's stop strings
+    std::vector<std::pair<size_t, size_t>> ranges;
+    const std::string text = t.apply(kConversation, true, &ranges);
+    // The file's template (Phi-3-mini's) drops the system turn; {{ bos_token }} is left to the tokenizer.
+    CHECK(text == kOwnPhi3Mini);
+    REQUIRE(ranges.size() == kConversation.size() - 1);
+    for (size_t k = 0; k < ranges.size(); ++k)
+        CHECK(text.substr(ranges[k].first, ranges[k].second) == kConversation[k + 1].content);
+    // Tool calls and results reach the template as OpenAI sends them.
+    const std::vector<ChatMessage> with_tools = {
+        {"user", "Weather?"},
+        {"assistant", "", R"([{"id": "c1", "type": "function", "function": {"name": "w", "arguments": "{\"city\": \"Oslo\"}"}}])"},
+        {"tool", "12 C", "", "c1"}};
+    CHECK_NOTHROW(t.apply(with_tools, true, &ranges));
+    CHECK(!ChatTemplate::for_model(f, std::nullopt).uses_jinja());
+    // Without a template in the file, --jinja has nothing to render.
+    auto stories = coinfer::test::model_file("stories260K.gguf");
+    if (stories) {
+        auto g = GgufFile::open(*stories);
+        CHECK(error_of([&] { ChatTemplate::for_model(g, std::nullopt, true); }).find("no tokenizer.chat_template") !=
+              std::string::npos);
+    }
+}
+
+TEST_CASE("from_jinja: a template that reads tools gets them, and calls with their arguments as a mapping") {
+    // Hermes-style, in the way Qwen2.5's template writes tools, calls and results.
+    const char* src =
+        "{%- if tools %}<|im_start|>system\n{% for t in tools %}{{ t.function.name }}:{{ t.function.parameters | tojson }}\n"
+        "{% endfor %}<|im_end|>\n{% endif %}"
+        "{%- for m in messages %}{%- if m.role == 'tool' %}<|im_start|>user\n<tool_response>{{ m.content }}</tool_response>"
+        "<|im_end|>\n{%- elif m.tool_calls %}<|im_start|>assistant\n{% for c in m.tool_calls %}<tool_call>"
+        "{\"name\": \"{{ c.function.name }}\", \"arguments\": {{ c.function.arguments | tojson }}}</tool_call>"
+        "{% endfor %}<|im_end|>\n{%- else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{%- endif %}{%- endfor %}"
+        "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+    const ChatTemplate t = ChatTemplate::from_jinja(src, "", "<|im_end|>");
+    CHECK(t.renders_tools());
+    CHECK(t.name() == "chatml");
+    const std::vector<ChatMessage> msgs = {
+        {"user", "Weather?"},
+        {"assistant", "", R"([{"id": "c1", "type": "function", "function": {"name": "w", "arguments": "{\"city\": \"Oslo\"}"}}])"},
+        {"tool", "12 C", "", "c1"}};
+    const std::string tools = R"([{"type": "function", "function": {"name": "w", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}])";
+    std::vector<std::pair<size_t, size_t>> ranges;
+    const std::string text = t.apply(msgs, true, &ranges, &tools);
+    // ('{%-' takes the newline before it, as in Jinja: Qwen's template writes its newlines in {{ }}.)
+    CHECK(text ==
+          "<|im_start|>system\nw:{\"type\": \"object\", \"properties\": {\"city\": {\"type\": \"string\"}}}\n<|im_end|>\n"
+          "<|im_start|>user\nWeather?<|im_end|><|im_start|>assistant\n<tool_call>{\"name\": \"w\", \"arguments\": "
+          "{\"city\": \"Oslo\"}}</tool_call><|im_end|><|im_start|>user\n<tool_response>12 C</tool_response><|im_end|>"
+          "<|im_start|>assistant\n");
+    REQUIRE(ranges.size() == 2);
+    CHECK(text.substr(ranges[0].first, ranges[0].second) == "Weather?");
+    CHECK(text.substr(ranges[1].first, ranges[1].second) == "12 C");
+    // raise_exception in a template is the request's error.
+    const ChatTemplate strict = ChatTemplate::from_jinja(
+        "{% if messages[0].role != 'user' %}{{ raise_exception('first turn must be the user') }}{% endif %}ok", "", "");
+    CHECK(error_of([&] { strict.apply(kConversation); }) == "chat template: first turn must be the user");
+    CHECK(error_of([] { ChatTemplate::from_jinja("{% for %}", "", ""); }).find("jinja: line 1") != std::string::npos);
+}
+
 TEST_CASE("the Jinja interpreter renders the real templates as transformers does") {
     // Where llama.cpp's hand-written formats follow the template exactly, its expected prompt is
     // the template's output; where they do not, the template's own output is written out here.
@@ -419,9 +490,7 @@ TEST_CASE("the Jinja interpreter renders the real templates as transformers does
         {"Llama-2-7b-chat",  // bos_token + '[INST] ' + content.strip() ... ' ' + content.strip() + ' ' + eos_token
          "[INST] <<SYS>>\nYou are a helpful assistant\n<</SYS>>\n\nHello [/INST] Hi there </s><s>[INST] Who are "
          "you [/INST] I am an assistant </s><s>[INST] Another question [/INST]"},
-        {"Phi-3-mini",  // its template drops system messages
-         "<|user|>\nHello<|end|>\n<|assistant|>\nHi there<|end|>\n<|user|>\nWho are you<|end|>\n<|assistant|>\n"
-         "   I am an assistant   <|end|>\n<|user|>\nAnother question<|end|>\n<|assistant|>\n"},
+        {"Phi-3-mini", kOwnPhi3Mini},
     };
     jinja::Value msgs = jinja::Value::array();
     for (const auto& m : kConversation)
