@@ -172,9 +172,30 @@ ParsedCalls parse_tool_calls(std::string_view text, const Tools& t) {
         at = end;
     }
     rest += text.substr(std::min(at, text.size()));
+    // Mistral's syntax: [TOOL_CALLS] then a JSON array of calls, to the end of the text.
+    if (!any_block) {
+        constexpr std::string_view k_mistral = "[TOOL_CALLS]";
+        if (const size_t m = text.find(k_mistral); m != std::string_view::npos) {
+            const ojson arr = ojson::parse(trim(text.substr(m + k_mistral.size())), nullptr, false);
+            std::vector<ToolCall> calls;
+            bool all = arr.is_array() && !arr.empty();
+            for (size_t k = 0; all && k < arr.size(); ++k) {
+                ToolCall c;
+                all = as_call(arr[k].dump(), t, c);
+                calls.push_back(std::move(c));
+            }
+            if (all) {
+                r.calls = std::move(calls);
+                r.outside = std::string(text.substr(0, m));
+                r.content = std::string(trim(r.outside));
+                return r;
+            }
+        }
+    }
     if (!any_block) {
         ToolCall c;
-        const std::string_view whole = trim(text);
+        std::string_view whole = trim(text);
+        if (whole.starts_with("<|python_tag|>")) whole = trim(whole.substr(14));  // Llama 3.1's prefix
         if (!whole.empty() && whole.front() == '{' && as_call(whole, t, c)) {
             r.calls.push_back(std::move(c));
             rest.clear();
@@ -194,19 +215,25 @@ std::string_view ToolTextStream::next(const std::string& text) {
         stopped_ = true;
         return {};
     }
-    // Search from just before what was sent, so a tag split over two pieces is found.
-    const size_t from = sent_ > k_open.size() ? sent_ - k_open.size() : 0;
+    // The tags that open calls (Hermes / Qwen, Mistral, Llama 3.1). Searched from just before
+    // what was sent, so a tag split over two pieces is found.
+    static constexpr std::string_view k_tags[] = {k_open, "[TOOL_CALLS]", "<|python_tag|>"};
     size_t end = t.size();
-    if (const size_t open = t.find(k_open, from); open != std::string_view::npos) {
-        end = open;
-        stopped_ = true;
-    } else {
-        // Hold back a tail that could be the start of the tag.
-        for (size_t n = std::min(k_open.size() - 1, t.size()); n > 0; --n)
-            if (k_open.substr(0, n) == t.substr(t.size() - n)) {
-                end = t.size() - n;
-                break;
-            }
+    for (const std::string_view tag : k_tags) {
+        const size_t from = sent_ > tag.size() ? sent_ - tag.size() : 0;
+        if (const size_t open = t.find(tag, from); open != std::string_view::npos && open < end) {
+            end = open;
+            stopped_ = true;
+        }
+    }
+    if (!stopped_) {
+        // Hold back a tail that could be the start of a tag.
+        for (const std::string_view tag : k_tags)
+            for (size_t n = std::min(tag.size() - 1, t.size()); n > 0; --n)
+                if (tag.substr(0, n) == t.substr(t.size() - n)) {
+                    end = std::min(end, t.size() - n);
+                    break;
+                }
     }
     if (end <= sent_) return {};
     const std::string_view out = t.substr(sent_, end - sent_);

@@ -63,15 +63,17 @@ struct ParsedCalls {
     std::string outside;  // the same, untrimmed
 };
 
-// The calls in a completion: every <tool_call>...</tool_call> block (the closing tag may be
-// missing at the end) whose body is an object with a known "name" and an object "arguments"
-// (or "parameters", Llama 3.1's spelling); else the whole text when it is one such object.
-// Text that is neither stays content.
+// The calls in a completion: every <tool_call>...</tool_call> block (Hermes / Qwen; the closing
+// tag may be missing at the end) whose body is an object with a known "name" and an object
+// "arguments" (or "parameters", Llama 3.1's spelling); else Mistral's "[TOOL_CALLS] [...]";
+// else the whole text when it is one such object (after Llama 3.1's <|python_tag|>). Text that
+// is none of these stays content.
 ParsedCalls parse_tool_calls(std::string_view text, const Tools& t);
 
 // What of a growing completion may be streamed as content while tool_choice is "auto": the text
-// up to a <tool_call> (and not a tail that could begin one); nothing once a call has begun or
-// when the text opens with '{' (it may be a bare call). next() gives the newly streamable text.
+// up to a tag that opens calls (<tool_call>, [TOOL_CALLS], <|python_tag|>; not a tail that could
+// begin one); nothing once a call has begun or when the text opens with '{' (it may be a bare
+// call). next() gives the newly streamable text.
 class ToolTextStream {
 public:
     std::string_view next(const std::string& text);

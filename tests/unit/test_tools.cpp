@@ -116,6 +116,15 @@ TEST_CASE("calls are found in completions; what is not a call stays content") {
     p = parse_tool_calls(R"(<tool_call>{"name": "now", "arguments": "{\"a\": 1}"}</tool_call>)", t);
     REQUIRE(p.calls.size() == 1);
     CHECK(p.calls[0].arguments == R"({"a":1})");
+    // Mistral's and Llama 3.1's spellings.
+    p = parse_tool_calls(R"(Sure. [TOOL_CALLS] [{"name": "now", "arguments": {}}, {"name": "get_weather", "arguments": {"unit": "c", "city": "Rome"}}])", t);
+    REQUIRE(p.calls.size() == 2);
+    CHECK(p.calls[1].name == "get_weather");
+    CHECK(p.content == "Sure.");
+    p = parse_tool_calls(R"(<|python_tag|>{"name": "now", "parameters": {}})", t);
+    CHECK(p.calls.size() == 1);
+    p = parse_tool_calls(R"([TOOL_CALLS] [{"name": "later", "arguments": {}}])", t);  // unknown: text
+    CHECK(p.calls.empty());
     // The closing tag cut off by max_tokens: still a call if the JSON is whole.
     p = parse_tool_calls("<tool_call>{\"name\": \"now\", \"arguments\": {}}", t);
     CHECK(p.calls.size() == 1);
@@ -158,6 +167,8 @@ TEST_CASE("with tool_choice auto the text before a call streams, a possible tag 
     CHECK(streamed({"a <b", "> c <", "tool"}) == "a <b> c ");  // "<tool" could still become the tag
     CHECK(streamed({"  ", "{\"name\"", ": \"now\"}"}).empty());   // perhaps a bare call: nothing yet
     CHECK(streamed({"x = {1}"}) == "x = {1}");
+    CHECK(streamed({"Sure. [TOOL", "_CALLS] [{}]"}) == "Sure. ");
+    CHECK(streamed({"[", "x]"}) == "[x]");
     // After the stream, the text outside the calls that was not sent is what remains.
     const Tools t = tools_of(k_body);
     const std::string text = "Checking. <tool_call>{\"name\": \"now\", \"arguments\": {}}</tool_call> Done.";
