@@ -36,6 +36,9 @@ struct BackendOptions {
 // One logit row's sampling inputs for on-device sampling (the whole engine/sampler.h chain).
 struct DeviceSampleRow {
     std::vector<std::pair<int32_t, float>> logit_bias;      // applied in order
+    // Nonzero: names the request, whose logit_bias is the same every step, so a backend may
+    // upload it once and keep it on the device (0: sent with every step).
+    uint64_t bias_key = 0;
     std::vector<std::pair<int32_t, int32_t>> penalty_counts;  // (token id, times seen in the window)
     float repeat_penalty = 1.0f;
     float frequency_penalty = 0.0f;

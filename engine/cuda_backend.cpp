@@ -9,6 +9,7 @@
 #include <cstring>
 #include <exception>
 #include <thread>
+#include <unordered_map>
 
 #include <unistd.h>
 
@@ -287,6 +288,17 @@ private:
     std::vector<int32_t> h_ints_;  // host staging for ints_
     std::vector<DeviceSampleOut> sample_out_;
     PinnedScratch sample_host_;  // host mirror of sample_io_
+    // Requests' logit_bias lists on the device (DeviceSampleRow::bias_key): uploaded the first
+    // step a request samples, read in place after. Lists without a key go after bias_top_ each
+    // step. No step is in flight at a launch, so a full arena is rebuilt from that step's rows.
+    struct BiasSlot {
+        int32_t begin, count;
+        bool repeats;
+    };
+    std::unordered_map<uint64_t, BiasSlot> bias_slots_;
+    Scratch<int32_t> bias_ids_dev_;
+    Scratch<float> bias_vals_dev_;
+    int32_t bias_top_ = 0;
     PinnedScratch pack_stage_;   // packed weights on their way up (freed after the upload)
     float* cur_logits_ = nullptr;  // [n_out, n_vocab] of the last run
 
@@ -508,6 +520,9 @@ void CudaBackend::release() noexcept {
     sample_io_.release();
     sample_ws_.release();
     sample_host_.release();
+    bias_ids_dev_.release();
+    bias_vals_dev_.release();
+    bias_slots_.clear();
     pack_stage_.release();
     if (cublas_) cublasDestroy(cublas_);
     if (stream_) cudaStreamDestroy(stream_);
@@ -979,9 +994,15 @@ void CudaBackend::launch_sample(const Batch& b, std::span<const DeviceSampleRow>
     if (b.n_tokens() == 0) return;
     // Check the rows before running anything, so a bad row leaves the cache untouched (after
     // launch_forward the pass has run: the engine then fails the step as any failed pass).
+    auto bias_cached = [&](const DeviceSampleRow& row) {
+        if (!row.bias_key) return false;
+        const auto it = bias_slots_.find(row.bias_key);
+        return it != bias_slots_.end() && it->second.count == static_cast<int32_t>(row.logit_bias.size());
+    };
     for (const DeviceSampleRow& row : rows) {
-        for (const auto& [id, bias] : row.logit_bias)
-            if (id < 0 || id >= c_.n_vocab) throw_error("sampling: logit_bias token id {} is outside the vocabulary", id);
+        if (!bias_cached(row))  // a kept list was checked when it was uploaded
+            for (const auto& [id, bias] : row.logit_bias)
+                if (id < 0 || id >= c_.n_vocab) throw_error("sampling: logit_bias token id {} is outside the vocabulary", id);
         if (row.n_logprobs < 0 || row.n_logprobs > kn::k_max_device_logprobs)
             throw_error("sampling: n_logprobs {} is outside 0..{}", row.n_logprobs, kn::k_max_device_logprobs);
         if (!row.allowed.empty() && row.allowed.size() != static_cast<size_t>((c_.n_vocab + 31) / 32))
@@ -992,14 +1013,77 @@ void CudaBackend::launch_sample(const Batch& b, std::span<const DeviceSampleRow>
         pending_.active = true;  // wait_sample still waits for the pass
         return;
     }
-    // Per-row params, bias and penalty lists, packed: [offsets | ids | counts] ints and bias floats.
+    // Per-row params and penalty lists, packed: [bias ranges | offsets | ids | counts] ints.
     std::vector<kn::GreedyRowParams> params(n_out);
-    std::vector<int32_t> bias_off{0}, bias_ids, pen_off{0}, pen_ids, pen_counts;
-    std::vector<float> bias_vals;
+    std::vector<int32_t> bias_pair(2 * n_out, 0), pen_off{0}, pen_ids, pen_counts;
     std::vector<kn::DistRowParams> dist;
     std::vector<kn::LogprobRowParams> lp;
     std::vector<int32_t> mask_row;  // [n_out] when any row is masked
     std::vector<uint32_t> mask_words;
+    // Bias lists: kept ones in place; new keyed ones appended at bias_top_ (kept); keyless ones
+    // after those (this step only). A full arena starts over with this step's lists.
+    std::vector<int32_t> up_ids;  // uploaded this step, to the arena from bias_top_
+    std::vector<float> up_vals;
+    bool any_bias = false;
+    {
+        size_t n_new = 0, n_all = 0;
+        for (const DeviceSampleRow& row : rows) {
+            n_all += row.logit_bias.size();
+            if (!row.logit_bias.empty() && !bias_cached(row)) n_new += row.logit_bias.size();
+        }
+        if (static_cast<size_t>(bias_top_) + n_new > bias_ids_dev_.n) {
+            bias_slots_.clear();
+            bias_top_ = 0;
+            const size_t want = std::max<size_t>({n_all, 2 * bias_ids_dev_.n, 65536});
+            if (n_all > bias_ids_dev_.n) {
+                bias_ids_dev_.get(want, "logit_bias ids");
+                bias_vals_dev_.get(want, "logit_bias values");
+            }
+        }
+    }
+    // A throw before the uploads are queued leaves slots naming entries never written: forget them.
+    struct ForgetOnThrow {
+        CudaBackend& b;
+        bool queued = false;
+        ~ForgetOnThrow() {
+            if (!queued) b.bias_slots_.clear(), b.bias_top_ = 0;
+        }
+    } forget{*this};
+    auto place_bias = [&](size_t r, bool keyed) {
+        const DeviceSampleRow& row = rows[r];
+        std::vector<int32_t> ids;
+        for (const auto& [id, bias] : row.logit_bias) ids.push_back(id);
+        // Repeated ids apply serially (GreedyRowParams::bias_repeats); a sorted list needs no sort.
+        if (!std::is_sorted(ids.begin(), ids.end())) std::sort(ids.begin(), ids.end());
+        const bool repeats = std::adjacent_find(ids.begin(), ids.end()) != ids.end();
+        const auto begin = static_cast<int32_t>(bias_top_ + up_ids.size());
+        for (const auto& [id, bias] : row.logit_bias) {
+            up_ids.push_back(id);
+            up_vals.push_back(bias);
+        }
+        const auto count = static_cast<int32_t>(row.logit_bias.size());
+        if (keyed) bias_slots_[row.bias_key] = {begin, count, repeats};
+        bias_pair[2 * r] = begin;
+        bias_pair[2 * r + 1] = begin + count;
+        params[r].bias_repeats = repeats ? 1 : 0;
+    };
+    for (size_t r = 0; r < n_out; ++r) {  // kept and new keyed lists first: they stay
+        const DeviceSampleRow& row = rows[r];
+        params[r] = {row.repeat_penalty, row.frequency_penalty, row.presence_penalty, 0};
+        if (row.logit_bias.empty()) continue;
+        any_bias = true;
+        if (bias_cached(row)) {
+            const BiasSlot& sl = bias_slots_.at(row.bias_key);
+            bias_pair[2 * r] = sl.begin;
+            bias_pair[2 * r + 1] = sl.begin + sl.count;
+            params[r].bias_repeats = sl.repeats ? 1 : 0;
+        } else if (row.bias_key) {
+            place_bias(r, true);
+        }
+    }
+    const size_t n_kept_new = up_ids.size();
+    for (size_t r = 0; r < n_out; ++r)
+        if (!rows[r].logit_bias.empty() && !rows[r].bias_key) place_bias(r, false);
     for (size_t r = 0; r < n_out; ++r) {
         const DeviceSampleRow& row = rows[r];
         if (!row.allowed.empty()) {
@@ -1007,17 +1091,6 @@ void CudaBackend::launch_sample(const Batch& b, std::span<const DeviceSampleRow>
             mask_row[r] = static_cast<int32_t>(mask_words.size() / row.allowed.size());
             mask_words.insert(mask_words.end(), row.allowed.begin(), row.allowed.end());
         }
-        std::vector<int32_t> ids;
-        for (const auto& [id, bias] : row.logit_bias) ids.push_back(id);
-        // Repeated ids apply serially (GreedyRowParams::bias_repeats); a sorted list needs no sort.
-        if (!std::is_sorted(ids.begin(), ids.end())) std::sort(ids.begin(), ids.end());
-        const bool repeats = std::adjacent_find(ids.begin(), ids.end()) != ids.end();
-        params[r] = {row.repeat_penalty, row.frequency_penalty, row.presence_penalty, repeats ? 1 : 0};
-        for (const auto& [id, bias] : row.logit_bias) {
-            bias_ids.push_back(id);
-            bias_vals.push_back(bias);
-        }
-        bias_off.push_back(static_cast<int32_t>(bias_ids.size()));
         for (const auto& [id, count] : row.penalty_counts) {
             if (id < 0 || id >= c_.n_vocab) continue;  // as the CPU's penalty stage
             pen_ids.push_back(id);
@@ -1042,36 +1115,45 @@ void CudaBackend::launch_sample(const Batch& b, std::span<const DeviceSampleRow>
     const auto n_sort = std::count_if(dist.begin(), dist.end(), [](const auto& d) { return kn::dist_path(d) == kn::DistPath::sort; });
     const auto n_select = std::count_if(dist.begin(), dist.end(), [](const auto& d) { return kn::dist_path(d) == kn::DistPath::select; });
     std::vector<int32_t> hi;
-    for (auto* v : {&bias_off, &bias_ids, &pen_off, &pen_ids, &pen_counts, &mask_row})
-        hi.insert(hi.end(), v->begin(), v->end());
-    // One staging buffer: params | dist | lp | bias floats | mask words | ints | out ids | out logprobs.
+    for (auto* v : {&bias_pair, &pen_off, &pen_ids, &pen_counts, &mask_row}) hi.insert(hi.end(), v->begin(), v->end());
+    // One staging buffer: params | dist | lp | mask words | ints | out ids | out logprobs, then
+    // the bias lists uploaded to the arena this step.
     auto al = [](size_t v) { return (v + 15) & ~size_t(15); };
     const size_t o_params = 0;
     const size_t o_dist = al(o_params + n_out * sizeof(kn::GreedyRowParams));
     const size_t o_lp = al(o_dist + dist.size() * sizeof(kn::DistRowParams));
-    const size_t o_bias = al(o_lp + lp.size() * sizeof(kn::LogprobRowParams));
-    const size_t o_masks = al(o_bias + bias_vals.size() * sizeof(float));
+    const size_t o_masks = al(o_lp + lp.size() * sizeof(kn::LogprobRowParams));
     const size_t o_ints = al(o_masks + mask_words.size() * sizeof(uint32_t));
     const size_t o_ids = al(o_ints + hi.size() * sizeof(int32_t));
     const size_t o_lpout = al(o_ids + n_out * sizeof(int32_t));
     const size_t n_bytes = al(o_lpout + lp.size() * sizeof(kn::LogprobOut));
-    char* stage = sample_host_.get(n_bytes);  // [inputs | outputs], laid out as on the device
+    const size_t o_up_ids = n_bytes;
+    const size_t o_up_vals = al(o_up_ids + up_ids.size() * sizeof(int32_t));
+    char* stage = sample_host_.get(al(o_up_vals + up_vals.size() * sizeof(float)));  // [inputs | outputs | uploads]
     std::memcpy(stage + o_params, params.data(), n_out * sizeof(kn::GreedyRowParams));
     if (!dist.empty()) std::memcpy(stage + o_dist, dist.data(), dist.size() * sizeof(kn::DistRowParams));
     if (!lp.empty()) std::memcpy(stage + o_lp, lp.data(), lp.size() * sizeof(kn::LogprobRowParams));
-    if (!bias_vals.empty()) std::memcpy(stage + o_bias, bias_vals.data(), bias_vals.size() * sizeof(float));
     if (!mask_words.empty())
         std::memcpy(stage + o_masks, mask_words.data(), mask_words.size() * sizeof(uint32_t));
     if (!hi.empty()) std::memcpy(stage + o_ints, hi.data(), hi.size() * sizeof(int32_t));
     char* dbuf = sample_io_.get(n_bytes, "sampling inputs");
     CUDA_CHECK(cudaMemcpyAsync(dbuf, stage, o_ids, cudaMemcpyHostToDevice, stream_));
+    if (!up_ids.empty()) {
+        std::memcpy(stage + o_up_ids, up_ids.data(), up_ids.size() * sizeof(int32_t));
+        std::memcpy(stage + o_up_vals, up_vals.data(), up_vals.size() * sizeof(float));
+        CUDA_CHECK(cudaMemcpyAsync(bias_ids_dev_.p + bias_top_, stage + o_up_ids, up_ids.size() * sizeof(int32_t),
+                                   cudaMemcpyHostToDevice, stream_));
+        CUDA_CHECK(cudaMemcpyAsync(bias_vals_dev_.p + bias_top_, stage + o_up_vals, up_vals.size() * sizeof(float),
+                                   cudaMemcpyHostToDevice, stream_));
+    }
+    bias_top_ += static_cast<int32_t>(n_kept_new);  // keyless lists after them are this step's only
+    forget.queued = true;
     const size_t ws_bytes =
         kn::sample_workspace_bytes(c_.n_vocab, int64_t(dist.size()), int64_t(n_sort), int64_t(lp.size()));
     char* ws = ws_bytes ? sample_ws_.get(ws_bytes, "sampling workspace") : nullptr;
     const auto* dints = reinterpret_cast<const int32_t*>(dbuf + o_ints);
-    const int32_t* d_bias_off = dints;
-    const int32_t* d_bias_ids = d_bias_off + bias_off.size();
-    const int32_t* d_pen_off = d_bias_ids + bias_ids.size();
+    const int32_t* d_bias_pair = dints;
+    const int32_t* d_pen_off = d_bias_pair + bias_pair.size();
     const int32_t* d_pen_ids = d_pen_off + pen_off.size();
     const int32_t* d_pen_counts = d_pen_ids + pen_ids.size();
     const int32_t* d_mask_row = d_pen_counts + pen_counts.size();
@@ -1082,7 +1164,7 @@ void CudaBackend::launch_sample(const Batch& b, std::span<const DeviceSampleRow>
     if (prof_) prof_->begin(stream_);
     kn::sample_rows(cur_logits_, static_cast<int64_t>(n_out), c_.n_vocab,
                     reinterpret_cast<const kn::GreedyRowParams*>(dbuf + o_params), masks,
-                    bias_ids.empty() ? nullptr : d_bias_off, d_bias_ids, reinterpret_cast<const float*>(dbuf + o_bias),
+                    any_bias ? d_bias_pair : nullptr, bias_ids_dev_.p, bias_vals_dev_.p,
                     pen_ids.empty() ? nullptr : d_pen_off, d_pen_ids, d_pen_counts,
                     reinterpret_cast<const kn::DistRowParams*>(dbuf + o_dist), int64_t(dist.size()), int64_t(n_sort), int64_t(n_select),
                     reinterpret_cast<const kn::LogprobRowParams*>(dbuf + o_lp), int64_t(lp.size()), ws, ws_bytes, d_ids,

@@ -52,7 +52,7 @@ greedy_kernel(float* __restrict__ logits, int64_t n_vocab, const GreedyRowParams
     // counts always; the bias unless the row says otherwise), so the block's threads share the
     // entries: a request's 300 bias entries cost every step one pass, not 300 dependent ones.
     if (bias_off) {
-        const int j0 = bias_off[r], j1 = bias_off[r + 1];
+        const int j0 = bias_off[2 * r], j1 = bias_off[2 * r + 1];
         if (!(params && params[r].bias_repeats)) {
             for (int j = j0 + int(threadIdx.x); j < j1; j += k_sample_threads)
                 l[bias_ids[j]] = __fadd_rn(l[bias_ids[j]], bias_vals[j]);

@@ -11,7 +11,8 @@ namespace coinfer::kernels {
 // Per-row greedy choice with the CPU sampler's rules (engine/sampler.h steps 1-3):
 //   mask:      when mask_row[r] >= 0, logits[r][id] = -inf for every id whose bit is clear in
 //              masks[mask_row[r]] (n_vocab bits in (n_vocab + 31) / 32 words): a grammar's bans
-//   bias:      logits[r][bias_ids[j]] += bias_vals[j] for j in [bias_off[r], bias_off[r+1])
+//   bias:      logits[r][bias_ids[j]] += bias_vals[j] for j in [bias_off[2r], bias_off[2r+1]) (rows'
+//              ranges anywhere in the arrays: a backend keeps each request's list in place)
 //   penalties: for j in [pen_off[r], pen_off[r+1]): token pen_ids[j] seen pen_counts[j] times,
 //              repetition then frequency/presence with the row's rp, freq, presence
 //   greedy:    the largest logit, lowest id on ties, NaN skipped; -1 when no logit is > -inf.

@@ -523,6 +523,7 @@ std::unique_ptr<InFlight> Engine::Impl::launch(const StepPlan& plan, const std::
             const SamplingParams& sp = a.sampler.params();
             DeviceSampleRow r;
             r.logit_bias = sp.logit_bias;
+            r.bias_key = static_cast<uint64_t>(ps.id) + 1;  // a request's bias list never changes
             r.penalty_counts = a.sampler.penalty_counts();
             r.repeat_penalty = sp.repeat_penalty;
             r.frequency_penalty = sp.frequency_penalty;

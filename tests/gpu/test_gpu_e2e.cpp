@@ -267,6 +267,44 @@ TEST_CASE("gpu: a ragged batch matches the CPU backend, and on-device greedy mat
     }
 }
 
+TEST_CASE("gpu: a request's logit_bias stays on the device between steps, and a full arena starts over") {
+    if (!have_gpu()) return;
+    auto path = test::model_file("stories260K.gguf");
+    if (!path) return;
+    auto model = Model::load(*path);
+    auto be = cuda(model, 64);
+    const int32_t n_vocab = model->config().n_vocab;
+    // Request k's list: +100 on its target token and 299 entries of 0 (arena room): greedy then
+    // picks the target. 400 requests, revisited in rounds, pass the arena's first 65,536 entries,
+    // so slots are reused, appended and rebuilt; a keyless row rides along every step.
+    auto target = [&](uint64_t k) { return int32_t((k * 37 + 11) % uint64_t(n_vocab)); };
+    auto list = [&](uint64_t k) {
+        std::vector<std::pair<int32_t, float>> l{{target(k), 100.0f}};
+        for (int32_t j = 0; l.size() < 300; ++j)
+            if (j != target(k)) l.push_back({j, 0.0f});
+        return l;
+    };
+    int n_ok = 0, n = 0;
+    std::mt19937 rng(3);
+    for (int step = 0; step < 1200; ++step) {
+        Batch bt;
+        const int32_t s0 = bt.add_seq({0}), s1 = bt.add_seq({1});
+        bt.add(1, 0, s0, true);
+        bt.add(2, 0, s1, true);
+        std::vector<DeviceGreedyRow> rows(2);
+        const uint64_t k = step < 400 ? uint64_t(step) : uint64_t(rng() % 400);
+        rows[0].bias_key = k + 1;
+        rows[0].logit_bias = list(k);
+        rows[1].logit_bias = {{int32_t(step % n_vocab), 100.0f}};  // keyless: sent with the step
+        std::vector<int32_t> ids(2, -2);
+        be->forward_greedy(bt, rows, ids);
+        n_ok += ids[0] == target(k) && ids[1] == step % n_vocab;
+        ++n;
+    }
+    MESSAGE(n_ok << " of " << n << " steps picked both biased targets");
+    CHECK(n_ok == n);
+}
+
 TEST_CASE("gpu: greedy output is the same alone and inside a batch of 64 mixed requests") {
     if (!have_gpu()) return;
     auto path = test::model_file("stories260K.gguf");
@@ -433,6 +471,11 @@ TEST_CASE("gpu: the on-device sampling chain picks what the CPU Sampler picks, a
             }
             if (p.n_logprobs) lp.push_back({r, p.n_logprobs});
         }
+        std::vector<int32_t> bias_pairs;  // (begin, end) a row, as sample_rows takes them
+        for (int32_t r = 0; r < n_rows; ++r) {
+            bias_pairs.push_back(bias_off[size_t(r)]);
+            bias_pairs.push_back(bias_off[size_t(r) + 1]);
+        }
         std::stable_sort(dist.begin(), dist.end(), [](const auto& a, const auto& b) { return kn::dist_path(a) < kn::dist_path(b); });
     const auto n_sort = std::count_if(dist.begin(), dist.end(), [](const auto& d) { return kn::dist_path(d) == kn::DistPath::sort; });
     const auto n_select = std::count_if(dist.begin(), dist.end(), [](const auto& d) { return kn::dist_path(d) == kn::DistPath::select; });
@@ -467,7 +510,7 @@ TEST_CASE("gpu: the on-device sampling chain picks what the CPU Sampler picks, a
         auto* d_lp = static_cast<kn::LogprobOut*>(U(got_lp));
         const kn::SampleMasks masks{static_cast<int32_t*>(U(mask_row)), static_cast<uint32_t*>(U(mask_words))};
         kn::sample_rows(d_logits, n_rows, n_vocab, static_cast<kn::GreedyRowParams*>(U(gp)), masks,
-                        static_cast<int32_t*>(U(bias_off)), static_cast<int32_t*>(U(bias_ids)),
+                        static_cast<int32_t*>(U(bias_pairs)), static_cast<int32_t*>(U(bias_ids)),
                         static_cast<float*>(U(bias_vals)), static_cast<int32_t*>(U(pen_off)),
                         static_cast<int32_t*>(U(pen_ids)), static_cast<int32_t*>(U(pen_counts)),
                         static_cast<kn::DistRowParams*>(U(dist)), int64_t(dist.size()), int64_t(n_sort), int64_t(n_select),
