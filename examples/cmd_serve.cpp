@@ -126,6 +126,9 @@ int cmd_serve(Args& args) {
     eopt.n_ctx = static_cast<int32_t>(int_in(args, "--ctx-size", 0, 0, 1 << 24, "-c"));
     // Test hooks of the server tests (EngineOptions::fault_*): a lost device at pass N.
     if (const char* v = std::getenv("COINFER_TEST_FAULT_FATAL_AT"); v && *v) eopt.fault_fatal_at = std::atoll(v);
+    // ... and steps failing at this rate (the HTTP soak).
+    if (const char* v = std::getenv("COINFER_TEST_FAULT_RATE"); v && *v) eopt.fault_rate = std::atof(v);
+    if (const char* v = std::getenv("COINFER_TEST_FAULT_SEED"); v && *v) eopt.fault_seed = std::strtoull(v, nullptr, 10);
     if (!model_path) throw UsageError("missing -m MODEL");
     if (!args.positionals().empty()) throw UsageError("unexpected argument");
 

@@ -949,6 +949,115 @@ def test_jinja():
             srv.stop()
 
 
+def test_soak(rounds=3, n=300):
+    """The HTTP soak: rounds of 300 streaming clients, a third disconnecting at a random point,
+    with 5% of the engine's steps failing by injected fault. Every stream that is not failed ends
+    with [DONE] and the text of the same request run alone; failed ones end with an error event;
+    afterwards nothing runs, every KV block is free and the server's memory is flat."""
+    prompts = ["Once upon a time", "Lily and Ben", "The little dog", "One day, a bird", "Tom had a red ball",
+               "The sun was", "Mom said", "In the park"]
+    ref_srv = Server()
+    try:  # the texts alone, without faults
+        refs = {}
+        for p in prompts:
+            st, r = ref_srv.json("/v1/completions", {"prompt": p, "max_tokens": 32, "temperature": 0, "ignore_eos": True})
+            refs[p] = r["choices"][0]["text"] if st == 200 else None
+    finally:
+        ref_srv.stop()
+    check("soak: reference texts", all(v is not None for v in refs.values()), refs)
+    srv = Server(env={"COINFER_TEST_FAULT_RATE": "0.05", "COINFER_TEST_FAULT_SEED": "7"})
+    rng = __import__("random").Random(11)
+
+    def rss():
+        try:
+            with open(f"/proc/{srv.proc.pid}/status") as f:
+                return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS:"))
+        except OSError:
+            return 0
+
+    ok = failed = cut = wrong = 0
+    rss_rounds = []
+    try:
+        for rnd in range(rounds):
+            results = [None] * n
+
+            def client(i, p, m, cut_after):
+                body = json.dumps({"prompt": p, "max_tokens": m, "temperature": 0, "ignore_eos": True,
+                                   "stream": True}).encode()
+                req = b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+                try:
+                    s = socket.create_connection((srv.host, srv.port), timeout=60)
+                    s.sendall(req)
+                    buf = b""
+                    while True:
+                        if cut_after is not None and buf.count(b"data: ") >= cut_after:
+                            s.close()
+                            results[i] = ("cut",)
+                            return
+                        b = s.recv(65536)
+                        if not b:
+                            break
+                        buf += b
+                        if b"data: [DONE]" in buf:
+                            break
+                    s.close()
+                    text, error = "", None
+                    for line in buf.split(b"\n"):
+                        if line.startswith(b"data: {"):
+                            e = json.loads(line[6:])
+                            if "error" in e:
+                                error = e["error"]
+                            else:
+                                text += e["choices"][0]["text"]
+                    results[i] = ("done", p, text, error, b"data: [DONE]" in buf)
+                except OSError as e:
+                    results[i] = ("oserror", repr(e))
+
+            threads = []
+            for i in range(n):
+                p = prompts[rng.randrange(len(prompts))]
+                cut_after = rng.randrange(1, 12) if rng.random() < 1 / 3 else None
+                t = threading.Thread(target=client, args=(i, p, rng.randrange(8, 33), cut_after))
+                threads.append(t)
+            for t in threads:
+                t.start()
+                time.sleep(0.001)  # arrivals spread over every phase of the steps
+            for t in threads:
+                t.join(timeout=120)
+            for r in results:
+                if r is None or r[0] == "oserror":
+                    wrong += 1
+                elif r[0] == "cut":
+                    cut += 1
+                elif r[3] is not None:
+                    failed += 1
+                    wrong += not r[4]  # a failed stream still ends with [DONE]
+                else:
+                    ok += 1
+                    wrong += not (r[4] and refs[r[1]] is not None and refs[r[1]].startswith(r[2]) and r[2])
+            deadline = time.time() + 10
+            m = {}
+            while time.time() < deadline:
+                m = srv.metrics()
+                if m.get("coinfer_requests_running") == 0 and m.get("coinfer_kv_blocks_used") == 0:
+                    break
+                time.sleep(0.1)
+            check(f"soak round {rnd}: 0 running, every KV block free afterwards",
+                  m.get("coinfer_requests_running") == 0 and m.get("coinfer_kv_blocks_used") == 0
+                  and m.get("coinfer_kv_blocks_free") == m.get("coinfer_kv_blocks_total"),
+                  {k: v for k, v in m.items() if "running" in k or "kv_blocks" in k})
+            rss_rounds.append(rss())
+        print(f"soak: {ok} ok, {failed} failed by injected faults, {cut} cut by their client, {wrong} wrong; "
+              f"RSS by round {[r >> 20 for r in rss_rounds]} MiB")
+        check("soak: every stream that was not failed or cut has the text of its solo run, and ends with [DONE]",
+              wrong == 0, wrong)
+        check("soak: faults failed some streams and others came through", failed > 0 and ok > 0, (ok, failed))
+        check("soak: memory flat after the first round", rss_rounds[-1] <= rss_rounds[0] + (32 << 20), rss_rounds)
+        check("soak: the server is still healthy", srv.healthy())
+    finally:
+        srv.stop()
+
+
 def test_data_parallel():
     """Two engine replicas behind one server (CPU engines here; one per GPU with --device cuda):
     the work spreads over both, outputs are those of one engine, a prompt sent again returns to
@@ -1042,6 +1151,7 @@ def main():
     test_device_lost()
     test_data_parallel()
     test_jinja()
+    test_soak()
     print(f"{passed} passed, {len(failures)} failed")
     return 1 if failures else 0
 
