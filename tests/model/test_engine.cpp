@@ -428,13 +428,17 @@ TEST_CASE("a lost device fails every request with engine_failed, refuses new one
     if (!stories()) return;
     asio::io_context io;
     EngineOptions o = options();
-    o.fault_fatal_at = 6;  // the 6th forward pass: the streams below are all running by then
+    // The 20th forward pass: the four streams, submitted before any of them is read, are all
+    // running by then (each asks for 64 tokens), however the threads are scheduled.
+    o.fault_fatal_at = 20;
     Engine engine(io.get_executor(), o);
     const int32_t free_start = engine.stats().kv_blocks_free;
     int n_failed = 0;
+    std::vector<TokenStream> streams;
+    for (int i = 0; i < 4; ++i) streams.push_back(engine.generate(greedy(k_prompts[i], 64)));
     for (int i = 0; i < 4; ++i) {
         asio::co_spawn(io, [&, i]() -> asio::awaitable<void> {
-            TokenStream stream = engine.generate(greedy(k_prompts[i], 64));
+            TokenStream& stream = streams[size_t(i)];
             try {
                 while (co_await stream.next()) {
                 }
